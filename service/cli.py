@@ -1,0 +1,229 @@
+"""The `convserve` command line: export, triton, gateway, serve, predict.
+
+Heavy imports happen inside each command, so `gateway` and `predict` never load torch.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from . import logs
+from .settings import load_settings
+
+log = logging.getLogger("convserve")
+
+
+# ----------------------------------------------------------------------- export
+def cmd_export(args) -> int:
+    import warnings
+
+    from .exporter import ExportError, export_model
+
+    warnings.simplefilter("always", UserWarning)
+    settings = load_settings(model_repository=args.repo)
+    try:
+        result = export_model(
+            args.architecture, settings.model_repository, name=args.name, weights=args.weights,
+            labels_file=args.labels, num_classes=args.num_classes, version=args.version,
+            max_batch_size=args.max_batch_size, seed=args.seed)
+    except (ExportError, ValueError) as exc:
+        print(f"convserve export: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"exported {result.name} version {result.version} to {result.path} "
+          f"(TorchScript vs eager max abs diff {result.max_abs_diff:.2e})")
+    return 0
+
+
+def is_empty_repository(repo: Path) -> bool:
+    """True when `repo` holds no model entry (no `<name>/config.pbtxt`)."""
+    repo = Path(repo)
+    return not repo.is_dir() or not any((p / "config.pbtxt").is_file() for p in repo.iterdir() if p.is_dir())
+
+
+def export_defaults(settings) -> None:
+    """Export the default model set into an empty repository, each in a subprocess so
+    that the serving process never holds torch."""
+    for arch in settings.default_model_list:
+        print(f"convserve: exporting default model {arch} into {settings.model_repository} ...", flush=True)
+        subprocess.run([sys.executable, "-m", "service.cli", "export", arch,
+                        "--repo", str(settings.model_repository)], check=True)
+
+
+# ------------------------------------------------------------------------ triton
+def _triton_settings(args):
+    return load_settings(model_repository=args.repo, triton_http_port=args.http_port,
+                         triton_grpc_port=args.triton_grpc_port, triton_metrics_port=args.triton_metrics_port)
+
+
+def _start_triton(settings):
+    from .embedded import start_triton
+
+    triton = start_triton(
+        settings.model_repository, http_port=settings.triton_http_port, grpc_port=settings.triton_grpc_port,
+        metrics_port=settings.triton_metrics_port, log_path=settings.triton_log,
+        state_dir=settings.triton_log.parent)
+    try:
+        triton.wait_ready(settings.triton_startup_timeout_s)
+    except BaseException:
+        triton.stop()
+        raise
+    return triton
+
+
+def _wait_for_signal() -> None:
+    received = []
+
+    def handler(signum, frame):
+        received.append(signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    while not received:
+        signal.pause()
+
+
+def cmd_triton(args) -> int:
+    settings = _triton_settings(args)
+    triton = _start_triton(settings)
+    print(f"triton ready: grpc 127.0.0.1:{settings.triton_grpc_port}, "
+          f"http 127.0.0.1:{settings.triton_http_port}; log {settings.triton_log}", flush=True)
+    try:
+        _wait_for_signal()
+    finally:
+        triton.stop()
+    return 0
+
+
+# ----------------------------------------------------------------------- gateway
+def _gateway_settings(args, **extra):
+    return load_settings(grpc_port=args.port, metrics_port=args.metrics_port, triton_url=args.triton_url,
+                         reflection=False if args.no_reflection else None, **extra)
+
+
+async def _run_gateway(settings, on_stopped=None) -> None:
+    from . import metrics
+    from .server import Gateway
+
+    metrics.start_exporter(settings.metrics_port)
+    gateway = Gateway(settings)
+    await gateway.start()
+    print(f"gateway serving on port {gateway.port} (metrics :{settings.metrics_port}), "
+          f"triton {settings.triton_url}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    # Drain first: NOT_SERVING, refuse new calls, finish the ones in flight.
+    await gateway.stop()
+    if on_stopped is not None:
+        on_stopped()
+
+
+def cmd_gateway(args) -> int:
+    settings = _gateway_settings(args)
+    logs.configure(settings.log_level)
+    asyncio.run(_run_gateway(settings))
+    return 0
+
+
+# ------------------------------------------------------------------------- serve
+def cmd_serve(args) -> int:
+    base = _triton_settings(args)
+    if is_empty_repository(base.model_repository):
+        export_defaults(base)
+    settings = _gateway_settings(args, model_repository=args.repo, triton_http_port=args.http_port,
+                                 triton_grpc_port=args.triton_grpc_port,
+                                 triton_metrics_port=args.triton_metrics_port)
+    settings = settings.model_copy(update={"triton_url": f"127.0.0.1:{settings.triton_grpc_port}"})
+    logs.configure(settings.log_level)
+    triton = _start_triton(settings)
+    print(f"triton ready on 127.0.0.1:{settings.triton_grpc_port}; log {settings.triton_log}", flush=True)
+    try:
+        # Triton stops only after the gateway has drained.
+        asyncio.run(_run_gateway(settings))
+    finally:
+        code = triton.stop()
+        print(f"triton stopped (exit code {code})", flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------- predict
+def cmd_predict(args) -> int:
+    from .client import predict_main
+
+    return predict_main(args)
+
+
+# -------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="convserve", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def repo_flag(p):
+        p.add_argument("--repo", type=Path, help="model repository (env CONVSERVE_MODEL_REPOSITORY)")
+
+    def triton_flags(p):
+        repo_flag(p)
+        p.add_argument("--http-port", type=int, help="Triton HTTP port (CONVSERVE_TRITON_HTTP_PORT)")
+        p.add_argument("--triton-grpc-port", type=int, help="Triton gRPC port (CONVSERVE_TRITON_GRPC_PORT)")
+        p.add_argument("--triton-metrics-port", type=int, help="Triton metrics port (CONVSERVE_TRITON_METRICS_PORT)")
+
+    def gateway_flags(p, url=True):
+        p.add_argument("--port", type=int, help="gateway gRPC port (CONVSERVE_GRPC_PORT)")
+        p.add_argument("--metrics-port", type=int, help="Prometheus port, 0 disables (CONVSERVE_METRICS_PORT)")
+        if url:
+            p.add_argument("--triton-url", help="Triton gRPC address (CONVSERVE_TRITON_URL)")
+        p.add_argument("--no-reflection", action="store_true", help="turn gRPC reflection off")
+
+    p = sub.add_parser("export", help="export an architecture (+ checkpoint) into the repository")
+    p.add_argument("architecture")
+    repo_flag(p)
+    p.add_argument("--weights", type=Path, help="checkpoint: .pth/.pt state_dict or .safetensors")
+    p.add_argument("--name", help="entry name (default: the architecture name)")
+    p.add_argument("--labels", type=Path, help="labels file, one name per line")
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--version", type=int, default=1)
+    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0, help="seed for random weights when --weights is absent")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("triton", help="run the embedded Triton server (CPU profile)")
+    triton_flags(p)
+    p.set_defaults(func=cmd_triton)
+
+    p = sub.add_parser("gateway", help="run the gRPC gateway against a Triton server")
+    gateway_flags(p)
+    p.set_defaults(func=cmd_gateway)
+
+    p = sub.add_parser("serve", help="embedded Triton plus the gateway")
+    triton_flags(p)
+    gateway_flags(p, url=False)
+    p.set_defaults(func=cmd_serve, triton_url=None)
+
+    p = sub.add_parser("predict", help="send images to the gateway and print the results")
+    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("--model", required=True)
+    p.add_argument("--server", default="localhost:50051")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--model-version", default="")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--out", type=Path, help="write a PNG with the results drawn on the image")
+    p.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds")
+    p.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

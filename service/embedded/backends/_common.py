@@ -1,0 +1,66 @@
+"""Shared execute loop of the project's python-based Triton backends.
+
+Triton hands `execute` the requests of one dynamic batch. Requests whose inputs have
+the same per-item shapes are concatenated and run in one forward pass; the outputs are
+split back per request. A failure answers every request of that group with an error,
+and the model keeps serving.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+
+class BatchedModel:
+    """Base for a TritonPythonModel that runs `self.forward(list_of_arrays)`."""
+
+    def initialize(self, args):
+        import triton_python_backend_utils as pb_utils
+
+        self.pb = pb_utils
+        self.config = json.loads(args["model_config"])
+        self.input_names = [t["name"] for t in self.config["input"]]
+        self.outputs = [
+            (t["name"], pb_utils.triton_string_to_numpy(t["data_type"])) for t in self.config["output"]
+        ]
+        self.batched = int(self.config.get("max_batch_size", 0)) > 0
+        filename = self.config.get("default_model_filename") or self.default_filename
+        self.path = os.path.join(args["model_repository"], args["model_version"], filename)
+        self.load(self.path)
+
+    # subclasses: default_filename, load(path), forward(list[np.ndarray]) -> list[np.ndarray]
+
+    def execute(self, requests):
+        pb = self.pb
+        responses = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        arrays = []
+        for i, request in enumerate(requests):
+            inputs = [pb.get_input_tensor_by_name(request, name).as_numpy() for name in self.input_names]
+            arrays.append(inputs)
+            key = tuple(a.shape[1:] for a in inputs) if self.batched else (i,)
+            groups.setdefault(key, []).append(i)
+        for members in groups.values():
+            try:
+                if self.batched:
+                    batch = [np.concatenate([arrays[i][k] for i in members]) for k in range(len(self.input_names))]
+                    sizes = [arrays[i][0].shape[0] for i in members]
+                else:
+                    batch, sizes = arrays[members[0]], None
+                outputs = self.forward(batch)
+                if len(outputs) != len(self.outputs):
+                    raise RuntimeError(f"model returned {len(outputs)} outputs, config declares {len(self.outputs)}")
+                offsets = np.cumsum([0] + sizes) if sizes else None
+                for j, i in enumerate(members):
+                    tensors = []
+                    for (name, dtype), out in zip(self.outputs, outputs):
+                        part = out[offsets[j]:offsets[j + 1]] if offsets is not None else out
+                        tensors.append(pb.Tensor(name, np.ascontiguousarray(part.astype(dtype, copy=False))))
+                    responses[i] = pb.InferenceResponse(output_tensors=tensors)
+            except Exception as exc:  # answer with an error, keep the model alive
+                for i in members:
+                    responses[i] = pb.InferenceResponse(
+                        output_tensors=[], error=pb.TritonError(f"{type(exc).__name__}: {exc}"))
+        return responses

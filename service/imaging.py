@@ -1,0 +1,150 @@
+"""Pure image ops: decoding and resizing. No gRPC, no Triton, no torch.
+
+Images are handled as Pillow RGB images until the last step, which yields a uint8
+array in CHW layout. Resizing goes through Pillow's bilinear filter with antialiasing,
+which is exactly what torchvision's `transforms.Resize` does on PIL images, so the
+gateway's pixels equal the reference pipeline's.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .errors import InvalidArgument
+
+# Only these decoders are ever used: a smaller attack surface than Pillow's full set.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """An upright RGB image; `width`/`height` are its original size after EXIF orientation."""
+
+    image: Image.Image
+
+    @property
+    def width(self) -> int:
+        return self.image.width
+
+    @property
+    def height(self) -> int:
+        return self.image.height
+
+
+def decode_encoded(data: bytes, field: str, max_pixels: int) -> Decoded:
+    """Decode JPEG/PNG/WebP/BMP bytes to an upright RGB image.
+
+    The pixel count is checked from the header, before any pixel is decoded. EXIF
+    orientation is applied; alpha is dropped and grayscale/palette become RGB (as
+    `Image.convert("RGB")` does in torchvision's loaders).
+    """
+    if not data:
+        raise InvalidArgument(field, "empty image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+            width, height = image.size
+            if width <= 0 or height <= 0:
+                raise InvalidArgument(field, f"image has no pixels ({width}x{height})")
+            if width * height > max_pixels:
+                raise InvalidArgument(
+                    field, f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            if image.mode != "RGB":
+                image = image.convert("RGB")
+    except InvalidArgument:
+        raise
+    except Image.UnidentifiedImageError:
+        raise InvalidArgument(field, f"not a decodable image (allowed: {', '.join(ALLOWED_FORMATS)})") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning, EOFError) as exc:
+        raise InvalidArgument(field, f"corrupt or truncated image: {exc}") from None
+    return Decoded(image)
+
+
+def decode_raw(data: bytes, height: int, width: int, field: str, max_pixels: int) -> Decoded:
+    """Wrap uint8 HWC RGB pixels; `len(data)` must equal height * width * 3."""
+    if height <= 0 or width <= 0:
+        raise InvalidArgument(field, f"height and width must be positive, got {height}x{width}")
+    if height * width > max_pixels:
+        raise InvalidArgument(field, f"image is {width}x{height} pixels, over the limit of {max_pixels}")
+    expected = height * width * 3
+    if len(data) != expected:
+        raise InvalidArgument(
+            field, f"data has {len(data)} bytes, expected height*width*3 = {height}*{width}*3 = {expected}")
+    array = np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3)
+    return Decoded(Image.fromarray(array, mode="RGB"))
+
+
+def resized_size_shorter_side(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) after resizing the shorter side to `size`, keeping the aspect
+    ratio, rounded down as torchvision's `Resize(int)` does."""
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
+def resize_center_crop(image: Image.Image, resize_size: int, crop_w: int, crop_h: int) -> np.ndarray:
+    """torchvision `Resize(resize_size)` then `CenterCrop((crop_h, crop_w))` on a PIL image.
+
+    Returns uint8 [3, crop_h, crop_w]. The crop is folded into the resize as a source
+    box, so only the kept pixels are computed: each output pixel samples the same
+    source positions as resize-then-crop would.
+    """
+    new_w, new_h = resized_size_shorter_side(image.width, image.height, resize_size)
+    if new_w < crop_w or new_h < crop_h:
+        raise ValueError(f"resize to {new_w}x{new_h} is smaller than the {crop_w}x{crop_h} crop")
+    top = int(round((new_h - crop_h) / 2.0))
+    left = int(round((new_w - crop_w) / 2.0))
+    scale_x = image.width / new_w
+    scale_y = image.height / new_h
+    box = (left * scale_x, top * scale_y, (left + crop_w) * scale_x, (top + crop_h) * scale_y)
+    # Pillow's filter support scales with box/size; with the box above it equals the
+    # support of the full resize, hence the same weights as resize-then-crop.
+    out = image.resize((crop_w, crop_h), Image.BILINEAR, box=box)
+    return to_chw(out)
+
+
+def resize_stretch(image: Image.Image, width: int, height: int) -> np.ndarray:
+    """Resize to exactly width x height, ignoring the aspect ratio. uint8 [3, H, W]."""
+    if image.size == (width, height):
+        return to_chw(image)
+    return to_chw(image.resize((width, height), Image.BILINEAR))
+
+
+def to_chw(image: Image.Image) -> np.ndarray:
+    """uint8 [3, H, W] from an RGB image."""
+    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def normalize(batch: np.ndarray, mean, std) -> np.ndarray:
+    """float32 ``(x / 255 - mean) / std`` per channel for a uint8 [N, 3, H, W] batch."""
+    scale = np.asarray([1.0 / (255.0 * s) for s in std], dtype=np.float32).reshape(1, 3, 1, 1)
+    shift = np.asarray([m / s for m, s in zip(mean, std)], dtype=np.float32).reshape(1, 3, 1, 1)
+    return batch.astype(np.float32) * scale - shift
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Numerically stable softmax over the last axis, float32."""
+    shifted = logits.astype(np.float32) - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and values of the k largest scores of a 1-D array, highest first; equal
+    scores keep index order."""
+    k = min(k, scores.shape[0])
+    if k <= 0:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=scores.dtype)
+    part = np.argpartition(-scores, k - 1)[:k] if k < scores.shape[0] else np.arange(scores.shape[0])
+    order = np.lexsort((part, -scores[part]))
+    idx = part[order]
+    return idx, scores[idx]
+

@@ -1,0 +1,325 @@
+"""The gRPC transport: servicer, error interceptor, health, reflection.
+
+Servicer methods only translate proto -> plain data -> data plane -> proto. A single
+interceptor maps domain errors to status codes, counts and times every call, and writes
+one JSON log line per request. This is the only module that touches protobuf or the
+gRPC context.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+
+from . import metrics
+from ._proto import vision_pb2, vision_pb2_grpc
+from .dataplane import DataPlane
+from .errors import ConvserveError, InvalidArgument, NotFound, Unimplemented
+from .pipelines.common import ImageInput
+from .settings import Settings
+from .triton import TritonModels
+
+log = logging.getLogger("convserve.gateway")
+access_log = logging.getLogger("convserve.access")
+
+SERVICE_NAME = vision_pb2.DESCRIPTOR.services_by_name["Vision"].full_name
+READINESS = ""          # grpc.health.v1 service name for readiness (follows Triton)
+LIVENESS = "liveness"   # SERVING while the gateway's event loop answers
+REQUEST_ID_KEY = "x-request-id"
+
+
+# --------------------------------------------------------------------------- errors
+def _status_for(exc: ConvserveError) -> grpc.Status:
+    code = getattr(code_pb2, exc.code)
+    status = status_pb2.Status(code=code, message=exc.message)
+    if isinstance(exc, InvalidArgument):
+        detail = any_pb2.Any()
+        detail.Pack(error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=exc.description)]))
+        status.details.append(detail)
+    return rpc_status.to_status(status)
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps domain errors to status codes; metrics and one access-log line per call.
+
+    An unexpected exception becomes INTERNAL with a fixed message: no traceback or path
+    reaches the client (it is logged here instead)."""
+
+    def __init__(self, triton: TritonModels):
+        self._triton = triton
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(f"/{SERVICE_NAME}/"):
+            return handler
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(
+                self._wrap_stream(method, handler.stream_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        return handler
+
+    def _model_label(self, model: str) -> str:
+        return model if model and self._triton.is_known(model) else metrics.UNKNOWN_MODEL
+
+    def _wrap_unary(self, method, behavior):
+        async def wrapper(request, context):
+            request_id = _request_id(context)
+            model = getattr(request, "model", "") or getattr(request, "name", "")
+            images = len(getattr(request, "images", ()))
+            metrics.REQUEST_BYTES.labels(method).observe(request.ByteSize())
+            async with _Call(self, method, model, images, request_id, context) as call:
+                return await call.run(behavior(request, context))
+        return wrapper
+
+    def _wrap_stream(self, method, behavior):
+        async def wrapper(request_iterator, context):
+            request_id = _request_id(context)
+            async with _Call(self, method, "", 0, request_id, context) as call:
+                async for response in call.iterate(behavior(request_iterator, context)):
+                    yield response
+        return wrapper
+
+
+class _Call:
+    """One intercepted call: timing, in-flight gauge, error mapping and the log line."""
+
+    def __init__(self, interceptor: ErrorInterceptor, method, model, images, request_id, context):
+        self.interceptor, self.method, self.model = interceptor, method, model
+        self.images, self.request_id, self.context = images, request_id, context
+        self.code = "OK"
+        self.message = ""
+
+    async def __aenter__(self):
+        self.start = time.perf_counter()
+        metrics.IN_FLIGHT.labels(self.method).inc()
+        return self
+
+    async def run(self, awaitable):
+        try:
+            return await awaitable
+        except ConvserveError as exc:
+            await self._abort(exc)
+        except NotImplementedError:
+            await self._abort(Unimplemented(f"{self.method} is not implemented yet"))
+        except asyncio.CancelledError:
+            self.code = "CANCELLED"
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            log.exception("unhandled error", extra={"request_id": self.request_id, "method": self.method})
+            await self._abort(_INTERNAL)
+
+    async def iterate(self, agen):
+        try:
+            async for item in agen:
+                yield item
+        except ConvserveError as exc:
+            await self._abort(exc)
+        except NotImplementedError:
+            await self._abort(Unimplemented(f"{self.method} is not implemented yet"))
+        except asyncio.CancelledError:
+            self.code = "CANCELLED"
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            log.exception("unhandled error", extra={"request_id": self.request_id, "method": self.method})
+            await self._abort(_INTERNAL)
+
+    async def _abort(self, exc: ConvserveError):
+        self.code, self.message = exc.code, exc.message
+        if isinstance(exc, NotFound):
+            self.model = ""  # never a metrics label for a name Triton does not know
+        status = _status_for(exc)
+        await self.context.abort(status.code, status.details, status.trailing_metadata)
+
+    async def __aexit__(self, exc_type, exc, tb):
+        elapsed = time.perf_counter() - self.start
+        model = self.interceptor._model_label(self.model)
+        metrics.IN_FLIGHT.labels(self.method).dec()
+        metrics.REQUESTS.labels(self.method, model, self.code).inc()
+        metrics.LATENCY.labels(self.method, model).observe(elapsed)
+        if self.images:
+            metrics.IMAGES.labels(self.method, model).inc(self.images)
+        access_log.info("request", extra={
+            "request_id": self.request_id, "method": self.method, "model": self.model,
+            "images": self.images, "code": self.code, "duration_ms": round(elapsed * 1000, 3),
+            **({"error": self.message} if self.message else {}),
+        })
+        return False
+
+
+class _InternalError(ConvserveError):
+    code = "INTERNAL"
+
+
+_INTERNAL = _InternalError("internal error")
+
+
+def _request_id(context) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY and value:
+            return str(value)[:128]
+    return uuid.uuid4().hex
+
+
+# ------------------------------------------------------------------- proto <-> data
+def images_from_proto(images) -> list[ImageInput]:
+    out = []
+    for image in images:
+        which = image.WhichOneof("source")
+        if which == "encoded":
+            out.append(ImageInput(encoded=image.encoded))
+        elif which == "raw":
+            out.append(ImageInput(raw=image.raw.data, height=image.raw.height, width=image.raw.width))
+        else:
+            out.append(ImageInput())
+    return out
+
+
+def _optional(message, field: str):
+    return getattr(message, field) if message.HasField(field) else None
+
+
+def _label(result) -> vision_pb2.Label:
+    return vision_pb2.Label(index=result.index, name=result.name, score=result.score)
+
+
+def model_info(status, spec) -> vision_pb2.ModelInfo:
+    info = vision_pb2.ModelInfo(name=status.name, versions=list(status.versions), ready=status.ready)
+    if spec is not None:
+        info.task = spec.task
+        info.architecture = spec.architecture
+        info.labels.extend(spec.labels)
+        info.input_width = max(spec.input_width, 0)
+        info.input_height = max(spec.input_height, 0)
+        info.resize_mode = spec.resize_mode
+        info.max_batch_size = spec.max_batch_size
+    return info
+
+
+# ------------------------------------------------------------------------- servicer
+class VisionServicer(vision_pb2_grpc.VisionServicer):
+    """Translates between messages and the data plane; no logic of its own."""
+
+    def __init__(self, plane: DataPlane):
+        self.plane = plane
+
+    async def Classify(self, request, context):
+        answer = await self.plane.classify(
+            request.model, request.model_version, images_from_proto(request.images),
+            _optional(request, "top_k"), context.time_remaining())
+        return vision_pb2.ClassifyResponse(
+            model=answer.model, model_version=answer.version,
+            results=[vision_pb2.Classification(labels=[_label(l) for l in labels])
+                     for labels in answer.results])
+
+    async def ListModels(self, request, context):
+        models = await self.plane.list_models()
+        return vision_pb2.ListModelsResponse(models=[model_info(s, spec) for s, spec in models])
+
+    async def GetModel(self, request, context):
+        if not request.name:
+            raise InvalidArgument("name", "a model name is required")
+        for status, spec in await self.plane.list_models():
+            if status.name == request.name:
+                return model_info(status, spec)
+        raise NotFound(f"unknown model {request.name!r}")
+
+
+# --------------------------------------------------------------------------- server
+class Gateway:
+    """The running gateway: gRPC server, health, and the Triton readiness watch."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.triton = TritonModels(settings.triton_url)
+        self.plane = DataPlane(settings, self.triton)
+        self.health = HealthServicer()
+        self.server = grpc.aio.server(
+            interceptors=[ErrorInterceptor(self.triton)],
+            options=[
+                ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
+                ("grpc.max_send_message_length", settings.max_receive_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        vision_pb2_grpc.add_VisionServicer_to_server(VisionServicer(self.plane), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        if settings.reflection:
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                 reflection.SERVICE_NAME), self.server)
+        self.port = self.server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+        if self.port == 0:
+            raise RuntimeError(f"cannot bind the gRPC port {settings.grpc_host}:{settings.grpc_port}")
+        self._watch: asyncio.Task | None = None
+        self._draining = False
+
+    async def start(self) -> None:
+        await self._set_health(LIVENESS, True)
+        await self._poll_triton()
+        self._watch = asyncio.create_task(self._watch_triton(), name="triton-watch")
+        await self.server.start()
+        log.info("gateway serving", extra={"port": self.port, "triton": self.settings.triton_url})
+
+    async def _set_health(self, service: str, serving: bool) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(service, status)
+
+    async def _poll_triton(self) -> None:
+        ready = await self.triton.server_ready()
+        if ready and not self.plane.triton_ready:
+            self.triton.forget_specs()  # a (re)started Triton may serve other models
+            log.info("triton ready", extra={"triton": self.settings.triton_url})
+        elif not ready and self.plane.triton_ready:
+            log.warning("triton not ready", extra={"triton": self.settings.triton_url})
+        self.plane.triton_ready = ready
+        metrics.TRITON_READY.set(1 if ready else 0)
+        serving = ready and not self._draining
+        await self._set_health(READINESS, serving)
+        await self._set_health(SERVICE_NAME, serving)
+
+    async def _watch_triton(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.health_poll_s)
+            try:
+                await self._poll_triton()
+            except Exception:  # the watch must never die
+                log.exception("triton readiness poll failed")
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Turn NOT_SERVING, stop taking calls and let the ones in flight finish."""
+        self._draining = True
+        grace = self.settings.drain_grace_s if grace is None else grace
+        await self._set_health(READINESS, False)
+        await self._set_health(SERVICE_NAME, False)
+        log.info("gateway draining", extra={"grace_s": grace})
+        await self.server.stop(grace)
+        if self._watch:
+            self._watch.cancel()
+        self.plane.close()
+        await self.triton.close()
+        log.info("gateway stopped")
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()

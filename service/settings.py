@@ -1,0 +1,61 @@
+"""One validated settings object, read from CONVSERVE_* variables.
+
+CLI flags override these (see cli.py). Validation happens at start-up, so a bad value
+stops the process with a message naming the variable instead of failing mid-request.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CONVSERVE_", extra="ignore")
+
+    # --- gateway
+    grpc_host: str = "[::]"
+    grpc_port: int = Field(50051, ge=1, le=65535)
+    metrics_port: int = Field(9464, ge=0, le=65535, description="0 disables /metrics")
+    triton_url: str = "localhost:8001"
+    reflection: bool = True
+    max_receive_message_bytes: int = Field(64 * MIB, ge=MIB, le=1024 * MIB)
+    max_images_per_request: int = Field(64, ge=1, le=4096)
+    # An image whose header claims more pixels than this is refused before decoding.
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    # Seconds given to calls in flight after SIGTERM, before they are cancelled.
+    drain_grace_s: float = Field(20.0, ge=0, le=600)
+    # How often the gateway asks Triton whether it is ready (readiness health).
+    health_poll_s: float = Field(0.5, gt=0, le=30)
+    # Threads that decode and resize images, off the event loop.
+    preprocess_threads: int = Field(2, ge=1, le=256)
+    log_level: str = "INFO"
+
+    # --- embedded Triton (`convserve triton` / `convserve serve`)
+    model_repository: Path = Path("model_repository")
+    triton_http_port: int = Field(8000, ge=1, le=65535)
+    triton_grpc_port: int = Field(8001, ge=1, le=65535)
+    triton_metrics_port: int = Field(8002, ge=1, le=65535)
+    triton_log: Path = Path(".convserve/triton.log")
+    triton_startup_timeout_s: float = Field(300.0, gt=0)
+    default_models: str = "resnet18"
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError(f"log level must be DEBUG, INFO, WARNING or ERROR, got {value!r}")
+        return level
+
+    @property
+    def default_model_list(self) -> list[str]:
+        return [name.strip() for name in self.default_models.split(",") if name.strip()]
+
+
+def load_settings(**overrides) -> Settings:
+    """Settings from the environment, with the CLI's non-None overrides on top."""
+    return Settings(**{key: value for key, value in overrides.items() if value is not None})

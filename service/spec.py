@@ -1,0 +1,252 @@
+"""The model spec: the single source of truth for how a model is fed and read.
+
+The exporter renders a `ModelSpec` into Triton model configs (`config.pbtxt` and
+`configs/cpu.pbtxt`); the gateway rebuilds the same `ModelSpec` from Triton's
+model-config RPC. Nothing here imports torch, and no spec value is copied into gateway
+code: tensor names, dtypes, dims, resize mode, mean/std, labels and output layout all
+travel in the config (tensors as tensors, the rest as `convserve.*` parameters).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from typing import Iterable
+
+import numpy as np
+from tritonclient.grpc import model_config_pb2 as mc
+
+PARAM_PREFIX = "convserve."
+
+TASKS = (
+    "classification",
+    "detection",
+    "semantic_segmentation",
+    "instance_segmentation",
+    "generation",
+)
+RESIZE_MODES = ("resize_center_crop", "letterbox", "stretch", "none")
+FORMATS = ("torchscript", "onnx", "tensorrt")
+
+# Triton's config data types <-> numpy dtypes.
+_TYPE_TO_NP = {
+    mc.TYPE_BOOL: np.bool_,
+    mc.TYPE_UINT8: np.uint8,
+    mc.TYPE_INT8: np.int8,
+    mc.TYPE_INT16: np.int16,
+    mc.TYPE_INT32: np.int32,
+    mc.TYPE_INT64: np.int64,
+    mc.TYPE_FP16: np.float16,
+    mc.TYPE_FP32: np.float32,
+    mc.TYPE_FP64: np.float64,
+}
+_NP_TO_TYPE = {np.dtype(v): k for k, v in _TYPE_TO_NP.items()}
+
+# Production (NGC container) platforms, and the embedded CPU profile's python-based
+# backends (service/embedded/backends/<name>/model.py), per export format.
+PRODUCTION_PLATFORM = {
+    "torchscript": "pytorch_libtorch",
+    "onnx": "onnxruntime_onnx",
+    "tensorrt": "tensorrt_plan",
+}
+CPU_BACKEND = {"torchscript": "torchscript", "onnx": "onnxruntime"}
+MODEL_FILENAME = {"torchscript": "model.pt", "onnx": "model.onnx", "tensorrt": "model.plan"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One model input or output: name, numpy dtype and per-item dims (no batch axis;
+    -1 marks a variable dim)."""
+
+    name: str
+    dtype: np.dtype
+    dims: tuple[int, ...]
+
+    def to_config_fields(self) -> dict:
+        return {"name": self.name, "data_type": triton_type(self.dtype), "dims": list(self.dims)}
+
+
+def triton_type(dtype) -> int:
+    try:
+        return _NP_TO_TYPE[np.dtype(dtype)]
+    except KeyError:
+        raise ValueError(f"no Triton data type for numpy dtype {dtype}") from None
+
+
+def triton_datatype_name(dtype) -> str:
+    """The KServe-v2 datatype string ('FP32', 'UINT8', ...) for a numpy dtype."""
+    return mc.DataType.Name(triton_type(dtype))[len("TYPE_"):]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the gateway needs to feed a model and read its answer.
+
+    Images enter as `inputs[0]`, NCHW with C=3 in `channel_order`. When that input is
+    uint8, the model normalizes inside itself; when it is floating point, the gateway
+    feeds ``(pixel / 255 - mean) / std``.
+    """
+
+    name: str
+    task: str
+    architecture: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_batch_size: int = 8
+    resize_mode: str = "resize_center_crop"
+    # For resize_center_crop: the shorter side is resized to this before the crop.
+    resize_size: int = 0
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    channel_order: str = "RGB"
+    output_layout: str = "logits"
+    labels: tuple[str, ...] = ()
+    # Task-specific options (thresholds, default top-k, ...), all strings.
+    options: dict[str, str] = field(default_factory=dict)
+    # Filled in by the gateway from Triton; not part of the exported config.
+    version_policy: str = "latest"
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        if self.channel_order not in ("RGB", "BGR"):
+            raise ValueError(f"channel_order must be RGB or BGR, got {self.channel_order!r}")
+        if not self.inputs or not self.outputs:
+            raise ValueError("a model spec needs at least one input and one output")
+        if len(self.image_input.dims) != 3 or self.image_input.dims[0] != 3:
+            raise ValueError(f"image input must be [3, H, W], got {list(self.image_input.dims)}")
+
+    # --- derived views
+    @property
+    def image_input(self) -> TensorSpec:
+        return self.inputs[0]
+
+    @property
+    def input_height(self) -> int:
+        return self.image_input.dims[1]
+
+    @property
+    def input_width(self) -> int:
+        return self.image_input.dims[2]
+
+    @property
+    def normalize_in_model(self) -> bool:
+        return np.dtype(self.image_input.dtype) == np.uint8
+
+    def option(self, key: str, default: str | None = None) -> str | None:
+        return self.options.get(key, default)
+
+    def with_name(self, name: str) -> "ModelSpec":
+        return replace(self, name=name)
+
+    # --- config rendering (exporter side)
+    def parameters(self) -> dict[str, str]:
+        params = {
+            "task": self.task,
+            "architecture": self.architecture,
+            "resize_mode": self.resize_mode,
+            "resize_size": str(self.resize_size),
+            "mean": ",".join(repr(float(v)) for v in self.mean),
+            "std": ",".join(repr(float(v)) for v in self.std),
+            "channel_order": self.channel_order,
+            "input_layout": "NCHW",
+            "output_layout": self.output_layout,
+            "labels": json.dumps(list(self.labels)),
+        }
+        params.update({f"option.{k}": str(v) for k, v in self.options.items()})
+        return {PARAM_PREFIX + key: value for key, value in params.items()}
+
+    def to_model_config(
+        self,
+        profile: str,
+        fmt: str = "torchscript",
+        *,
+        labels_file: str | None = None,
+        version_policy: str = "latest",
+        instance_count: int = 1,
+    ) -> mc.ModelConfig:
+        """Render the `production` (NGC tritonserver) or `cpu` (embedded) profile.
+
+        Both profiles carry identical inputs, outputs and parameters; they differ only in
+        platform/backend, instance placement and warm-up.
+        """
+        if fmt not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+        config = mc.ModelConfig(name=self.name, max_batch_size=self.max_batch_size)
+        config.default_model_filename = MODEL_FILENAME[fmt]
+        if profile == "production":
+            config.platform = PRODUCTION_PLATFORM[fmt]
+            # KIND_AUTO: GPU when the node has one, CPU otherwise; TensorRT needs a GPU.
+            kind = mc.ModelInstanceGroup.KIND_GPU if fmt == "tensorrt" else mc.ModelInstanceGroup.KIND_AUTO
+            config.instance_group.add(kind=kind, count=instance_count)
+            warmup = config.model_warmup.add(name="zeros", batch_size=1)
+            for tensor in self.inputs:
+                warmup.inputs[tensor.name].CopyFrom(
+                    mc.ModelWarmup.Input(data_type=triton_type(tensor.dtype), dims=[
+                        d if d > 0 else 64 for d in tensor.dims], zero_data=True))
+        elif profile == "cpu":
+            if fmt not in CPU_BACKEND:
+                raise ValueError(f"format {fmt!r} has no CPU profile")
+            config.backend = CPU_BACKEND[fmt]
+            config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instance_count)
+        else:
+            raise ValueError(f"profile must be production or cpu, got {profile!r}")
+        if self.max_batch_size > 0:
+            # Gather concurrent requests into one forward pass; a short delay is enough
+            # to fill batches under load without adding latency when idle.
+            config.dynamic_batching.max_queue_delay_microseconds = 2000
+        if version_policy == "all":
+            config.version_policy.all.SetInParent()
+        else:
+            config.version_policy.latest.num_versions = 1
+        for tensor in self.inputs:
+            config.input.add(**tensor.to_config_fields())
+        for i, tensor in enumerate(self.outputs):
+            out = config.output.add(**tensor.to_config_fields())
+            if i == 0 and labels_file and self.task == "classification":
+                out.label_filename = labels_file
+        for key, value in self.parameters().items():
+            config.parameters[key].string_value = value
+        return config
+
+    # --- config parsing (gateway side)
+    @classmethod
+    def from_model_config(cls, config: mc.ModelConfig) -> "ModelSpec":
+        """Rebuild the spec from a Triton ModelConfig; raises ValueError when the config
+        was not written by convserve's exporter (no `convserve.task` parameter)."""
+        params = {
+            key[len(PARAM_PREFIX):]: value.string_value
+            for key, value in config.parameters.items()
+            if key.startswith(PARAM_PREFIX)
+        }
+        if "task" not in params:
+            raise ValueError(f"model {config.name!r} has no {PARAM_PREFIX}task parameter")
+
+        def tensors(items: Iterable) -> tuple[TensorSpec, ...]:
+            return tuple(
+                TensorSpec(t.name, np.dtype(_TYPE_TO_NP[t.data_type]), tuple(int(d) for d in t.dims))
+                for t in items
+            )
+
+        def floats(text: str, default):
+            return tuple(float(v) for v in text.split(",")) if text else default
+
+        policy = config.version_policy.WhichOneof("policy_choice") or "latest"
+        return cls(
+            name=config.name,
+            task=params["task"],
+            architecture=params.get("architecture", ""),
+            inputs=tensors(config.input),
+            outputs=tensors(config.output),
+            max_batch_size=config.max_batch_size,
+            resize_mode=params.get("resize_mode", "resize_center_crop"),
+            resize_size=int(params.get("resize_size") or 0),
+            mean=floats(params.get("mean", ""), (0.0, 0.0, 0.0)),
+            std=floats(params.get("std", ""), (1.0, 1.0, 1.0)),
+            channel_order=params.get("channel_order", "RGB"),
+            output_layout=params.get("output_layout", "logits"),
+            labels=tuple(json.loads(params.get("labels") or "[]")),
+            options={k[len("option."):]: v for k, v in params.items() if k.startswith("option.")},
+            version_policy=policy,
+        )

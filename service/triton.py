@@ -1,0 +1,166 @@
+"""The gateway's Triton client: specs from the model-config RPC, inference, readiness.
+
+Everything the gateway knows about a model comes through here, from Triton itself; no
+repository is read from disk. Triton's errors become domain errors (errors.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import tritonclient.grpc.aio as triton_aio
+from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.utils import InferenceServerException
+
+from .errors import (Cancelled, ConvserveError, DeadlineExceeded, Internal, NotFound,
+                     ResourceExhausted, Unavailable)
+from .spec import ModelSpec, triton_datatype_name
+
+log = logging.getLogger(__name__)
+
+# gRPC limit for tensors going to and from Triton: a full batch of large images.
+TRITON_MAX_MESSAGE_BYTES = 1024 * 1024 * 1024
+# Health and config calls are cheap; bound them so a hung Triton cannot hang a request.
+CONTROL_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    name: str
+    versions: tuple[str, ...]
+    ready: bool
+
+
+def map_triton_error(exc: InferenceServerException, model: str) -> ConvserveError:
+    """Translate a tritonclient exception into a domain error with a clean message."""
+    status = (exc.status() or "").rsplit(".", 1)[-1]
+    message = exc.message() or ""
+    lowered = message.lower()
+    if "exceeds maximum queue size" in lowered or status == "RESOURCE_EXHAUSTED":
+        return ResourceExhausted(f"model {model!r} is overloaded: Triton's queue is full")
+    if status == "DEADLINE_EXCEEDED" or "timeout" in lowered or "deadline" in lowered:
+        return DeadlineExceeded(f"deadline exceeded while model {model!r} was running")
+    if status == "CANCELLED":
+        return Cancelled("the call was cancelled")
+    if status == "NOT_FOUND" or "unknown model" in lowered or "is not found" in lowered:
+        return NotFound(f"unknown model {model!r}")
+    if status == "UNAVAILABLE":
+        if "is not ready" in lowered or "not ready" in lowered:
+            return Unavailable(f"model {model!r} is not ready")
+        return Unavailable("the inference server is unavailable")
+    return Internal(f"inference failed for model {model!r}")
+
+
+class TritonModels:
+    """Async access to Triton: cached model specs, inference and readiness."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self._client = triton_aio.InferenceServerClient(
+            url,
+            channel_args=[
+                ("grpc.max_send_message_length", TRITON_MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", TRITON_MAX_MESSAGE_BYTES),
+                # Re-resolve the address when connections drop, so a headless Service
+                # balances over Triton pods and a restarted Triton is found again.
+                ("grpc.lb_policy_name", "round_robin"),
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.keepalive_timeout_ms", 10_000),
+            ],
+        )
+        self._specs: dict[tuple[str, str], ModelSpec] = {}
+        self._known: set[str] = set()
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    # --- readiness
+    async def server_ready(self) -> bool:
+        try:
+            return bool(await self._client.is_server_ready(client_timeout=CONTROL_TIMEOUT_S))
+        except InferenceServerException:
+            return False
+
+    def forget_specs(self) -> None:
+        """Drop cached specs (after Triton restarts, its models may have changed)."""
+        self._specs.clear()
+
+    def is_known(self, model: str) -> bool:
+        return model in self._known
+
+    # --- specs
+    async def spec(self, model: str, version: str = "") -> ModelSpec:
+        key = (model, version)
+        cached = self._specs.get(key)
+        if cached is not None:
+            return cached
+        try:
+            response = await self._client.get_model_config(
+                model, model_version=version, client_timeout=CONTROL_TIMEOUT_S)
+        except InferenceServerException as exc:
+            raise map_triton_error(exc, model) from None
+        try:
+            spec = ModelSpec.from_model_config(response.config)
+        except (ValueError, KeyError) as exc:
+            raise Internal(f"model {model!r} has no convserve spec in its config") from exc
+        self._specs[key] = spec
+        self._known.add(model)
+        return spec
+
+    async def models(self) -> list[ModelStatus]:
+        """Every model in Triton's repository index, with its versions and readiness."""
+        try:
+            index = await self._client.get_model_repository_index(client_timeout=CONTROL_TIMEOUT_S)
+        except InferenceServerException as exc:
+            raise map_triton_error(exc, "") from None
+        by_name: dict[str, list] = {}
+        for entry in index.models:
+            by_name.setdefault(entry.name, []).append(entry)
+        statuses = []
+        for name, entries in sorted(by_name.items()):
+            versions = tuple(sorted({e.version for e in entries if e.version}, key=_version_key))
+            ready = any(e.state == "READY" for e in entries)
+            statuses.append(ModelStatus(name, versions, ready))
+            self._known.add(name)
+        return statuses
+
+    # --- inference
+    async def infer(
+        self,
+        spec: ModelSpec,
+        version: str,
+        inputs: dict[str, np.ndarray],
+        timeout_s: float | None,
+    ) -> tuple[dict[str, np.ndarray], str]:
+        """One Triton call. `inputs` maps tensor names to batched arrays; returns every
+        output of the spec by name, and the model version that answered. `timeout_s` (the caller's remaining deadline) bounds
+        both the gRPC call and Triton's own request timeout."""
+        if timeout_s is not None and timeout_s <= 0:
+            raise DeadlineExceeded("deadline exceeded before inference")
+        infer_inputs = []
+        for name, array in inputs.items():
+            tensor = InferInput(name, list(array.shape), triton_datatype_name(array.dtype))
+            tensor.set_data_from_numpy(array)
+            infer_inputs.append(tensor)
+        outputs = [InferRequestedOutput(t.name) for t in spec.outputs]
+        try:
+            result = await self._client.infer(
+                spec.name,
+                infer_inputs,
+                model_version=version,
+                outputs=outputs,
+                client_timeout=timeout_s,
+                timeout=int(timeout_s * 1e6) if timeout_s is not None else None,
+            )
+        except InferenceServerException as exc:
+            raise map_triton_error(exc, spec.name) from None
+        except asyncio.CancelledError:
+            raise
+        outputs = {t.name: result.as_numpy(t.name) for t in spec.outputs}
+        return outputs, result.get_response().model_version
+
+
+def _version_key(version: str):
+    return (0, int(version)) if version.isdigit() else (1, version)

@@ -1,0 +1,82 @@
+"""The model zoo: architecture name -> how to build it and how to feed it.
+
+Importing this package imports torch (and, through the op shim, torchvision). The
+gateway never imports it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .. import tvshim
+
+tvshim.install()
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One servable architecture.
+
+    `build(num_classes)` returns the eager torch model in eval mode with its standard
+    (torchvision-format) state_dict keys; `wrap(model, spec)` returns the module that
+    is exported: it takes the gateway's input tensors and returns fixed-shape outputs.
+    """
+
+    name: str
+    task: str
+    build: Callable[[int], nn.Module]
+    wrap: Callable[[nn.Module, "object"], nn.Module]
+    num_classes: int
+    labels_resource: str
+    input_size: tuple[int, int]  # (height, width)
+    resize_mode: str
+    resize_size: int = 0
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    output_layout: str = "logits"
+    input_name: str = "images__0"
+    output_names: tuple[str, ...] = ("logits__0",)
+    options: dict[str, str] = field(default_factory=dict)
+    # Called with (model, state_dict) after a strict load fails, to allow known
+    # differences (e.g. GoogLeNet's auxiliary heads); returns the dict to load.
+    adapt_state_dict: Callable[[nn.Module, dict], dict] | None = None
+
+
+REGISTRY: dict[str, Architecture] = {}
+
+
+def register(arch: Architecture) -> Architecture:
+    REGISTRY[arch.name] = arch
+    return arch
+
+
+def get(name: str) -> Architecture:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(sorted(REGISTRY))}") from None
+
+
+def read_labels(resource: str) -> list[str]:
+    text = resources.files("service").joinpath("data", resource).read_text()
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+class Normalize(nn.Module):
+    """uint8 [N, 3, H, W] RGB -> float ``(x / 255 - mean) / std``: the normalization
+    lives inside the exported model, so the gateway ships uint8 (4x fewer bytes)."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("scale", torch.tensor([1.0 / (255.0 * s) for s in std]).view(1, 3, 1, 1))
+        self.register_buffer("shift", torch.tensor([m / s for m, s in zip(mean, std)]).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images.float() * self.scale - self.shift
+
+
+from . import classification  # noqa: E402,F401  (registers the classifiers)

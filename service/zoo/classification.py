@@ -1,0 +1,38 @@
+"""Classifiers: AlexNet, VGG, GoogLeNet and ResNet with torchvision's definitions."""
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+
+from . import Architecture, Normalize, register
+
+
+class Classifier(nn.Module):
+    """Exported form: uint8 images [N, 3, H, W] -> logits [N, C]."""
+
+    def __init__(self, model: nn.Module, mean, std):
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(self.normalize(images))
+
+
+def _wrap(model, spec) -> nn.Module:
+    return Classifier(model, spec.mean, spec.std)
+
+
+def _torchvision(name: str, **kwargs):
+    def build(num_classes: int) -> nn.Module:
+        return getattr(torchvision.models, name)(weights=None, num_classes=num_classes, **kwargs).eval()
+    return build
+
+
+for _name in ("alexnet", "vgg11", "vgg16", "vgg16_bn", "resnet18", "resnet34", "resnet50", "resnet101"):
+    register(Architecture(
+        name=_name, task="classification", build=_torchvision(_name), wrap=_wrap,
+        num_classes=1000, labels_resource="imagenet_classes.txt", input_size=(224, 224),
+        resize_mode="resize_center_crop", resize_size=256,
+    ))
