@@ -1,0 +1,32 @@
+# convserve: `make serve` sets everything up on a fresh machine and serves;
+# `make test` runs the test suite (what CI runs).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.convserve-installed
+PYTEST_ARGS ?=
+
+.PHONY: install serve test clean
+
+# One virtual environment for everything: the embedded Triton's python backend stub
+# runs the environment first on PATH, so torch, onnxruntime and this package live here.
+$(STAMP): pyproject.toml setup.py requirements.txt $(wildcard protos/convserve/v1/*.proto)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch==2.13.0 exactly: it takes the local CPU build (other specs pull CUDA wheels).
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -r requirements.txt
+	# Editable install; its build step generates the protobuf code from protos/.
+	$(BIN)/pip install --quiet --no-build-isolation --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: install
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/convserve serve
+
+test: install
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .convserve service/_proto/*_pb2*.py service/_proto/*_pb2*.pyi

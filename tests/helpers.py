@@ -1,0 +1,61 @@
+"""Shared test helpers: photos, encoding, ports."""
+from __future__ import annotations
+
+import io
+import socket
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+# Photos shipped inside scikit-image's wheel.
+PHOTO_NAMES = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png")
+# Where size does not matter, tests use images of at most this many pixels per side.
+MAX_TEST_SIDE = 320
+
+
+def skimage_data_dir() -> Path:
+    import skimage
+
+    return Path(skimage.__file__).parent / "data"
+
+
+@lru_cache(maxsize=None)
+def photo(name: str, max_side: int = MAX_TEST_SIDE) -> Image.Image:
+    """A real photo from scikit-image, RGB, downscaled so its longer side <= max_side."""
+    image = Image.open(skimage_data_dir() / name).convert("RGB")
+    scale = max_side / max(image.size)
+    if scale < 1:
+        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS)
+    return image
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def with_exif_orientation(image: Image.Image, orientation: int) -> bytes:
+    """JPEG bytes of `image` stored so that applying EXIF `orientation` gives `image` back."""
+    inverse = {
+        1: lambda im: im,
+        3: lambda im: im.transpose(Image.ROTATE_180),
+        6: lambda im: im.transpose(Image.ROTATE_90),    # stored rotated; viewer turns 270 ccw
+        8: lambda im: im.transpose(Image.ROTATE_270),
+    }[orientation]
+    stored = inverse(image)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(stored, "JPEG", quality=95, exif=exif.tobytes())
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def as_array(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
