@@ -47,6 +47,7 @@ class Stack:
     metrics_port: int
     triton_grpc_port: int
     triton_http_port: int
+    triton_metrics_port: int
     triton: object
     gateway: subprocess.Popen
     gateway_log: Path
@@ -122,7 +123,7 @@ def stack(tmp_path_factory):
     except BaseException:
         triton.stop()
         raise
-    yield Stack(repo, workdir, gateway_port, gateway_metrics, grpc_port, http, triton, gateway,
+    yield Stack(repo, workdir, gateway_port, gateway_metrics, grpc_port, http, metrics, triton, gateway,
                 gateway_log, checkpoints)
     gateway.terminate()
     try:
