@@ -31,7 +31,7 @@ def cmd_export(args) -> int:
         result = export_model(
             args.architecture, settings.model_repository, name=args.name, weights=args.weights,
             labels_file=args.labels, num_classes=args.num_classes, version=args.version,
-            max_batch_size=args.max_batch_size, seed=args.seed)
+            max_batch_size=args.max_batch_size, max_queue_size=args.max_queue_size, seed=args.seed)
     except (ExportError, ValueError) as exc:
         print(f"convserve export: error: {exc}", file=sys.stderr)
         return 2
@@ -67,7 +67,7 @@ def _start_triton(settings):
     triton = start_triton(
         settings.model_repository, http_port=settings.triton_http_port, grpc_port=settings.triton_grpc_port,
         metrics_port=settings.triton_metrics_port, log_path=settings.triton_log,
-        state_dir=settings.triton_log.parent)
+        state_dir=settings.triton_log.parent, bind_address=settings.triton_bind_address)
     try:
         triton.wait_ready(settings.triton_startup_timeout_s)
     except BaseException:
@@ -191,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int)
     p.add_argument("--version", type=int, default=1)
     p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--max-queue-size", type=int, default=0,
+                   help="Triton refuses requests past this queue length (0: unbounded)")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights when --weights is absent")
     p.set_defaults(func=cmd_export)
 
@@ -221,8 +223,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from pydantic import ValidationError
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ValidationError as exc:
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"])
+            print(f"convserve: invalid setting CONVSERVE_{field.upper()} (or its flag): {error['msg']}, "
+                  f"got {error.get('input')!r}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -147,6 +147,7 @@ def export_model(
     num_classes: int | None = None,
     version: int = 1,
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    max_queue_size: int = 0,
     seed: int = 0,
 ) -> ExportResult:
     arch = zoo.get(arch_name)
@@ -167,7 +168,7 @@ def export_model(
     wrapped = arch.wrap(model, spec).eval()
     scripted = torch.jit.script(wrapped)
     max_diff = check_parity(wrapped, scripted, spec, seed)
-    path = write_entry(repo, spec, scripted, version)
+    path = write_entry(repo, spec, scripted, version, max_queue_size=max_queue_size)
     log.info("exported", extra={"model": name, "path": str(path), "version": version})
     return ExportResult(name, path, version, spec, max_diff)
 
@@ -194,7 +195,8 @@ def check_parity(eager: torch.nn.Module, exported, spec: ModelSpec, seed: int) -
     return worst
 
 
-def write_entry(repo: Path, spec: ModelSpec, scripted, version: int, fmt: str = "torchscript") -> Path:
+def write_entry(repo: Path, spec: ModelSpec, scripted, version: int, fmt: str = "torchscript",
+                *, max_queue_size: int = 0) -> Path:
     """Write (or update) `<repo>/<name>`: configs, labels and `<version>/model.*`.
 
     The version directory is written to a temporary path first and renamed into place,
@@ -213,7 +215,7 @@ def write_entry(repo: Path, spec: ModelSpec, scripted, version: int, fmt: str = 
             shutil.rmtree(tmp, ignore_errors=True)
     (entry / LABELS_FILE).write_text("\n".join(spec.labels) + "\n")
     for profile, path in (("production", entry / "config.pbtxt"), ("cpu", entry / "configs" / "cpu.pbtxt")):
-        config = spec.to_model_config(profile, fmt, labels_file=LABELS_FILE)
+        config = spec.to_model_config(profile, fmt, labels_file=LABELS_FILE, max_queue_size=max_queue_size)
         path.write_text(f"# Written by convserve export ({profile} profile). Regenerate, don't edit.\n"
                         + text_format.MessageToString(config))
     return entry

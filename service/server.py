@@ -23,7 +23,7 @@ from grpc_status import rpc_status
 from . import metrics
 from ._proto import vision_pb2, vision_pb2_grpc
 from .dataplane import DataPlane
-from .errors import ConvserveError, InvalidArgument, NotFound, Unimplemented
+from .errors import ConvserveError, InvalidArgument, NotFound, ResourceExhausted, Unimplemented
 from .pipelines.common import ImageInput
 from .settings import Settings
 from .triton import TritonModels
@@ -55,8 +55,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     An unexpected exception becomes INTERNAL with a fixed message: no traceback or path
     reaches the client (it is logged here instead)."""
 
-    def __init__(self, triton: TritonModels):
+    def __init__(self, triton: TritonModels, max_in_flight: int):
         self._triton = triton
+        self._max_in_flight = max_in_flight
+        self.in_flight = 0
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -109,10 +111,17 @@ class _Call:
     async def __aenter__(self):
         self.start = time.perf_counter()
         metrics.IN_FLIGHT.labels(self.method).inc()
+        self.interceptor.in_flight += 1
         return self
+
+    def _check_capacity(self) -> None:
+        limit = self.interceptor._max_in_flight
+        if self.interceptor.in_flight > limit:
+            raise ResourceExhausted(f"the gateway is at its limit of {limit} calls in flight; retry later")
 
     async def run(self, awaitable):
         try:
+            self._check_capacity()
             return await awaitable
         except ConvserveError as exc:
             await self._abort(exc)
@@ -129,6 +138,7 @@ class _Call:
 
     async def iterate(self, agen):
         try:
+            self._check_capacity()
             async for item in agen:
                 yield item
         except ConvserveError as exc:
@@ -155,6 +165,7 @@ class _Call:
         elapsed = time.perf_counter() - self.start
         model = self.interceptor._model_label(self.model)
         metrics.IN_FLIGHT.labels(self.method).dec()
+        self.interceptor.in_flight -= 1
         metrics.REQUESTS.labels(self.method, model, self.code).inc()
         metrics.LATENCY.labels(self.method, model).observe(elapsed)
         if self.images:
@@ -255,12 +266,8 @@ class Gateway:
         self.plane = DataPlane(settings, self.triton)
         self.health = HealthServicer()
         self.server = grpc.aio.server(
-            interceptors=[ErrorInterceptor(self.triton)],
-            options=[
-                ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
-                ("grpc.max_send_message_length", settings.max_receive_message_bytes),
-                ("grpc.so_reuseport", 0),
-            ],
+            interceptors=[ErrorInterceptor(self.triton, settings.max_in_flight)],
+            options=self._server_options(settings),
         )
         vision_pb2_grpc.add_VisionServicer_to_server(VisionServicer(self.plane), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -273,6 +280,21 @@ class Gateway:
             raise RuntimeError(f"cannot bind the gRPC port {settings.grpc_host}:{settings.grpc_port}")
         self._watch: asyncio.Task | None = None
         self._draining = False
+
+    @staticmethod
+    def _server_options(settings: Settings) -> list[tuple[str, int]]:
+        options = [
+            ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
+            ("grpc.max_send_message_length", settings.max_receive_message_bytes),
+            # A second gateway on the same port must fail to bind, not share it.
+            ("grpc.so_reuseport", 0),
+        ]
+        if settings.max_connection_age_s > 0:
+            age_ms = int(settings.max_connection_age_s * 1000)
+            options += [("grpc.max_connection_age_ms", age_ms),
+                        # Calls still running when the age is reached get this long.
+                        ("grpc.max_connection_age_grace_ms", int(settings.drain_grace_s * 1000))]
+        return options
 
     async def start(self) -> None:
         await self._set_health(LIVENESS, True)

@@ -24,6 +24,11 @@ class Settings(BaseSettings):
     reflection: bool = True
     max_receive_message_bytes: int = Field(64 * MIB, ge=MIB, le=1024 * MIB)
     max_images_per_request: int = Field(64, ge=1, le=4096)
+    # Calls handled at once; past it, RESOURCE_EXHAUSTED at once instead of queueing.
+    max_in_flight: int = Field(128, ge=1, le=100_000)
+    # Close client connections after this long (0: never), so that long-lived HTTP/2
+    # connections re-balance over gateway pods when they scale.
+    max_connection_age_s: float = Field(300.0, ge=0)
     # An image whose header claims more pixels than this is refused before decoding.
     max_image_pixels: int = Field(40_000_000, ge=1)
     # Seconds given to calls in flight after SIGTERM, before they are cancelled.
@@ -41,6 +46,8 @@ class Settings(BaseSettings):
     triton_metrics_port: int = Field(8002, ge=1, le=65535)
     triton_log: Path = Path(".convserve/triton.log")
     triton_startup_timeout_s: float = Field(300.0, gt=0)
+    # The embedded Triton listens on loopback only: the gateway is its one client.
+    triton_bind_address: str = "127.0.0.1"
     default_models: str = "resnet18"
 
     @field_validator("log_level")

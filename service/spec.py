@@ -165,6 +165,7 @@ class ModelSpec:
         labels_file: str | None = None,
         version_policy: str = "latest",
         instance_count: int = 1,
+        max_queue_size: int = 0,
     ) -> mc.ModelConfig:
         """Render the `production` (NGC tritonserver) or `cpu` (embedded) profile.
 
@@ -196,6 +197,10 @@ class ModelSpec:
             # Gather concurrent requests into one forward pass; a short delay is enough
             # to fill batches under load without adding latency when idle.
             config.dynamic_batching.max_queue_delay_microseconds = 2000
+            if max_queue_size > 0:
+                # Past this many queued requests Triton refuses at once; the gateway
+                # answers RESOURCE_EXHAUSTED instead of letting latency grow unbounded.
+                config.dynamic_batching.default_queue_policy.max_queue_size = max_queue_size
         if version_policy == "all":
             config.version_policy.all.SetInParent()
         else:

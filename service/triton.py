@@ -67,6 +67,11 @@ class TritonModels:
                 # balances over Triton pods and a restarted Triton is found again.
                 ("grpc.lb_policy_name", "round_robin"),
                 ("grpc.keepalive_time_ms", 30_000),
+                # Reconnect quickly after a Triton restart, instead of backing off
+                # for up to two minutes (gRPC's default).
+                ("grpc.initial_reconnect_backoff_ms", 200),
+                ("grpc.min_reconnect_backoff_ms", 200),
+                ("grpc.max_reconnect_backoff_ms", 1000),
                 ("grpc.keepalive_timeout_ms", 10_000),
             ],
         )

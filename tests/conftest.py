@@ -20,6 +20,8 @@ from helpers import free_port  # noqa: E402
 # Seeded test weights with the final layer scaled up, so that top-1 leads by far more
 # than any tolerance and the comparison with the reference cannot pass by accident.
 FINAL_LAYER_SCALE = 40.0
+# Forward time of the deliberately slow test model (deadline, queue and drain tests).
+SLOW_MODEL_SECONDS = 0.5
 
 
 def make_resnet18_checkpoint(path: Path) -> Path:
@@ -112,6 +114,9 @@ def stack(tmp_path_factory):
     workdir.mkdir()
     checkpoints = {"resnet18": make_resnet18_checkpoint(root / "resnet18_test.pth")}
     export_model("resnet18", repo, weights=checkpoints["resnet18"], max_batch_size=4)
+    from slow_model import export_slow_model
+
+    export_slow_model(repo, seconds=SLOW_MODEL_SECONDS)
 
     http, grpc_port, metrics = free_port(), free_port(), free_port()
     triton = start_triton(repo, http_port=http, grpc_port=grpc_port, metrics_port=metrics,

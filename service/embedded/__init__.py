@@ -129,6 +129,7 @@ def start_triton(
     log_path: Path,
     state_dir: Path,
     exit_timeout_s: int = 30,
+    bind_address: str = "127.0.0.1",
 ) -> TritonProcess:
     """Start the embedded tritonserver on `repository` (CPU profile); returns at once.
 
@@ -151,6 +152,9 @@ def start_triton(
         f"--model-repository={repository}",
         f"--backend-directory={backend_dir}",
         "--model-config-name=cpu",
+        f"--http-address={bind_address}",
+        f"--grpc-address={bind_address}",
+        f"--metrics-address={bind_address}",
         f"--http-port={http_port}",
         f"--grpc-port={grpc_port}",
         f"--metrics-port={metrics_port}",

@@ -1,0 +1,49 @@
+"""A real repository entry that is slow on purpose: a TorchScript classifier that burns
+a fixed amount of compute inside its forward pass (TorchScript has no sleep)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from service.exporter import write_entry
+from service.spec import ModelSpec, TensorSpec
+
+MATRIX = 256
+
+
+class Slow(torch.nn.Module):
+    def __init__(self, iterations: int):
+        super().__init__()
+        self.iterations = iterations
+        self.register_buffer("a", torch.randn(MATRIX, MATRIX) / MATRIX ** 0.5)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.a
+        for _ in range(self.iterations):
+            x = torch.tanh(x @ self.a)
+        mean = images.float().mean(dim=(1, 2, 3)) + x.mean()
+        return torch.stack([mean, -mean], dim=1)
+
+
+def calibrate(seconds: float) -> int:
+    """Iterations that take about `seconds` on this machine."""
+    model = Slow(50)
+    images = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+    model(images)
+    start = time.perf_counter()
+    model(images)
+    per_iteration = (time.perf_counter() - start) / 50
+    return max(1, int(seconds / per_iteration))
+
+
+def export_slow_model(repo: Path, seconds: float = 0.5, name: str = "slow", max_queue_size: int = 1) -> Path:
+    spec = ModelSpec(
+        name=name, task="classification", architecture="slow_test_model",
+        inputs=(TensorSpec("images__0", np.dtype(np.uint8), (3, 32, 32)),),
+        outputs=(TensorSpec("logits__0", np.dtype(np.float32), (2,)),),
+        max_batch_size=1, resize_mode="stretch", labels=("slow_a", "slow_b"))
+    scripted = torch.jit.script(Slow(calibrate(seconds)).eval())
+    return write_entry(repo, spec, scripted, 1, max_queue_size=max_queue_size)
