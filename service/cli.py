@@ -23,20 +23,35 @@ log = logging.getLogger("convserve")
 def cmd_export(args) -> int:
     import warnings
 
-    from .exporter import ExportError, export_model
+    from .exporter import ExportError, export_from_file, export_model
 
     warnings.simplefilter("always", UserWarning)
     settings = load_settings(model_repository=args.repo)
+    common = dict(version=args.version, version_policy=args.version_policy, max_batch_size=args.max_batch_size,
+                  max_queue_size=args.max_queue_size)
     try:
-        result = export_model(
-            args.architecture, settings.model_repository, name=args.name, weights=args.weights,
-            labels_file=args.labels, num_classes=args.num_classes, version=args.version,
-            max_batch_size=args.max_batch_size, max_queue_size=args.max_queue_size, seed=args.seed)
+        if args.from_file:
+            missing = [flag for flag, value in (("--task", args.task), ("--input-size", args.input_size),
+                                                ("--labels", args.labels), ("--name", args.name)) if value is None]
+            if missing:
+                raise ExportError(f"--from-file also needs {', '.join(missing)}")
+            extra = {k: tuple(v) for k, v in (("mean", args.mean), ("std", args.std)) if v}
+            result = export_from_file(
+                args.from_file, settings.model_repository, task=args.task, name=args.name,
+                input_size=args.input_size, labels_file=args.labels, resize_mode=args.resize_mode, **extra,
+                **common)
+        else:
+            if not args.architecture:
+                raise ExportError("name an architecture, or give --from-file")
+            result = export_model(
+                args.architecture, settings.model_repository, name=args.name, weights=args.weights,
+                labels_file=args.labels, num_classes=args.num_classes, fmt=args.format,
+                input_size=args.input_size, seed=args.seed, **common)
     except (ExportError, ValueError) as exc:
         print(f"convserve export: error: {exc}", file=sys.stderr)
         return 2
     print(f"exported {result.name} version {result.version} to {result.path} "
-          f"(TorchScript vs eager max abs diff {result.max_abs_diff:.2e})")
+          f"(max abs diff against eager {result.max_abs_diff:.2e})")
     return 0
 
 
@@ -182,18 +197,28 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--triton-url", help="Triton gRPC address (CONVSERVE_TRITON_URL)")
         p.add_argument("--no-reflection", action="store_true", help="turn gRPC reflection off")
 
-    p = sub.add_parser("export", help="export an architecture (+ checkpoint) into the repository")
-    p.add_argument("architecture")
+    p = sub.add_parser("export", help="export an architecture (+ checkpoint), or a model file, into the repository")
+    p.add_argument("architecture", nargs="?", help="zoo architecture, e.g. resnet18 (omit with --from-file)")
     repo_flag(p)
     p.add_argument("--weights", type=Path, help="checkpoint: .pth/.pt state_dict or .safetensors")
-    p.add_argument("--name", help="entry name (default: the architecture name)")
+    p.add_argument("--format", choices=("torchscript", "onnx", "tensorrt"), default="torchscript")
+    p.add_argument("--name", help="entry name (default: the architecture, plus _onnx/_trt for those formats)")
     p.add_argument("--labels", type=Path, help="labels file, one name per line")
     p.add_argument("--num-classes", type=int)
-    p.add_argument("--version", type=int, default=1)
+    p.add_argument("--version", type=int, default=1, help="version directory to write; others are kept")
+    p.add_argument("--version-policy", choices=("latest", "all"), default="latest",
+                   help="serve only the newest version, or all of them side by side")
+    p.add_argument("--input-size", type=int, help="square input size (default: the architecture's)")
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--max-queue-size", type=int, default=0,
                    help="Triton refuses requests past this queue length (0: unbounded)")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights when --weights is absent")
+    p.add_argument("--from-file", type=Path, help="an exported TorchScript .pt or .onnx file to add as it is")
+    p.add_argument("--task", help="with --from-file: the model's task (classification)")
+    p.add_argument("--mean", type=float, nargs=3, help="with --from-file: per-channel mean (0-1 scale)")
+    p.add_argument("--std", type=float, nargs=3, help="with --from-file: per-channel std (0-1 scale)")
+    p.add_argument("--resize-mode", default="resize_center_crop", choices=("resize_center_crop", "stretch"),
+                   help="with --from-file: how images are brought to the input size")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("triton", help="run the embedded Triton server (CPU profile)")

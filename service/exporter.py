@@ -1,14 +1,16 @@
-"""Export a PyTorch architecture (plus an optional checkpoint) into a Triton model
-repository entry:
+"""Export models into a Triton model repository entry:
 
     <repo>/<name>/config.pbtxt        production profile (NGC tritonserver)
     <repo>/<name>/configs/cpu.pbtxt   embedded CPU profile (python-based backends)
-    <repo>/<name>/<version>/model.pt  the TorchScript file (one format per entry)
+    <repo>/<name>/<version>/model.pt  the model file: model.pt, model.onnx or model.plan
     <repo>/<name>/labels.txt          one label per line
 
-The spec (resize mode, mean/std, labels, layout) is written into both configs as
-parameters; the gateway reads it back from Triton. Before anything is written, the
-exported model's output is checked against the eager model.
+Two sources: a zoo architecture plus an optional checkpoint (`export_model`), or an
+already exported TorchScript/ONNX file with a declared task and layout
+(`export_from_file`). The spec (resize mode, mean/std, labels, layout) is written into
+both configs as parameters; the gateway reads it back from Triton. Before anything is
+written, the exported model's output is checked against the eager model (or, for a
+file, that it loads and its outputs have the declared shape).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -29,10 +32,14 @@ from .spec import MODEL_FILENAME, ModelSpec, TensorSpec
 
 log = logging.getLogger("convserve.export")
 
-# TorchScript must reproduce eager: same kernels, only graph-level differences.
+# Exported outputs must reproduce eager: same math, only graph-level differences.
 PARITY_RTOL, PARITY_ATOL = 1e-3, 1e-5
 DEFAULT_MAX_BATCH_SIZE = 8
 LABELS_FILE = "labels.txt"
+ONNX_OPSET = 17
+# Entry-name suffix per format, so one repository can hold every format of a model.
+NAME_SUFFIX = {"torchscript": "", "onnx": "_onnx", "tensorrt": "_trt"}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class ExportError(Exception):
@@ -74,6 +81,11 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _listed(keys: list[str], limit: int = 10) -> str:
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
 def apply_state_dict(model: torch.nn.Module, state: dict, arch: zoo.Architecture) -> None:
     """Load strictly: missing or unexpected keys are an error, never skipped."""
     if arch.adapt_state_dict is not None:
@@ -81,11 +93,9 @@ def apply_state_dict(model: torch.nn.Module, state: dict, arch: zoo.Architecture
     result = model.load_state_dict(state, strict=False)
     problems = []
     if result.missing_keys:
-        problems.append(f"missing keys: {', '.join(result.missing_keys[:10])}"
-                        + (f" (+{len(result.missing_keys) - 10} more)" if len(result.missing_keys) > 10 else ""))
+        problems.append(f"missing keys: {_listed(result.missing_keys)}")
     if result.unexpected_keys:
-        problems.append(f"unexpected keys: {', '.join(result.unexpected_keys[:10])}"
-                        + (f" (+{len(result.unexpected_keys) - 10} more)" if len(result.unexpected_keys) > 10 else ""))
+        problems.append(f"unexpected keys: {_listed(result.unexpected_keys)}")
     if problems:
         raise ExportError(f"checkpoint does not match {arch.name}: " + "; ".join(problems))
 
@@ -98,43 +108,155 @@ def checkpoint_num_classes(state: dict, arch: zoo.Architecture) -> int | None:
     return int(tensor.shape[0]) if tensor is not None else None
 
 
+def resolve_labels(default_resource: str | None, default_count: int, labels_file: Path | None,
+                   num_classes: int | None, checkpoint_classes: int | None) -> list[str]:
+    """Labels for the entry; the labels file, --num-classes and the checkpoint must agree."""
+    labels = read_labels_file(labels_file) if labels_file is not None else None
+    counts = {"the labels file has": len(labels) if labels is not None else None,
+              "--num-classes is": num_classes, "the checkpoint has": checkpoint_classes}
+    given = {k: v for k, v in counts.items() if v is not None}
+    if len(set(given.values())) > 1:
+        raise ExportError("class counts disagree: " + ", ".join(f"{k} {v}" for k, v in given.items()))
+    n = next(iter(given.values()), default_count)
+    if labels is None:
+        default = zoo.read_labels(default_resource) if default_resource else []
+        labels = default if len(default) == n else [f"class_{i}" for i in range(n)]
+    return labels
+
+
+def read_labels_file(path: Path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"labels file {path} does not exist")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------- formats
+def _as_tuple(outputs) -> tuple[torch.Tensor, ...]:
+    return tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
+
+
+def compare(expected, got, what: str) -> float:
+    """Max abs diff; raises ExportError beyond rtol 1e-3 / atol 1e-5 or on shape change."""
+    worst = 0.0
+    for i, (e, g) in enumerate(zip(_as_tuple(expected), _as_tuple(got))):
+        e, g = torch.as_tensor(e), torch.as_tensor(g)
+        if e.shape != g.shape:
+            raise ExportError(f"{what} output {i} has shape {list(g.shape)}, eager has {list(e.shape)}")
+        if not torch.allclose(e.float(), g.float(), rtol=PARITY_RTOL, atol=PARITY_ATOL):
+            diff = (e.float() - g.float()).abs().max().item()
+            raise ExportError(f"{what} output {i} differs from eager (max abs diff {diff:.3g})")
+        if e.numel():
+            worst = max(worst, (e.float() - g.float()).abs().max().item())
+    return worst
+
+
+def to_torchscript(wrapped: torch.nn.Module, images: torch.Tensor, expected, path: Path) -> float:
+    scripted = torch.jit.script(wrapped)
+    with torch.inference_mode():
+        diff = compare(expected, scripted(images), "TorchScript")
+    torch.jit.save(scripted, str(path))
+    reloaded = torch.jit.load(str(path))
+    with torch.inference_mode():
+        return max(diff, compare(expected, reloaded(images), "reloaded TorchScript"))
+
+
+def to_onnx(wrapped: torch.nn.Module, images: torch.Tensor, expected, path: Path, spec: ModelSpec) -> float:
+    import onnxruntime as ort
+
+    inputs = [t.name for t in spec.inputs]
+    outputs = [t.name for t in spec.outputs]
+    dynamic = {name: {0: "batch"} for name in inputs + outputs}
+    for tensor in spec.inputs + spec.outputs:
+        for axis, dim in enumerate(tensor.dims, start=1):
+            if dim < 0:
+                dynamic[tensor.name][axis] = f"{tensor.name}_dim{axis}"
+    with torch.inference_mode():
+        torch.onnx.export(wrapped, (images,), str(path), input_names=inputs, output_names=outputs,
+                          dynamic_axes=dynamic, opset_version=ONNX_OPSET, dynamo=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(outputs, {inputs[0]: images.numpy()})
+    return compare(expected, [torch.from_numpy(g) for g in got], "ONNX Runtime")
+
+
+def to_tensorrt(wrapped, images, expected, path: Path, spec: ModelSpec) -> float:
+    """Build a TensorRT plan from the ONNX export; needs the tensorrt package and a GPU."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise ExportError("--format tensorrt needs NVIDIA TensorRT: the `tensorrt` Python package is not "
+                          "installed (pip install tensorrt, on a machine with an NVIDIA GPU and driver)") from None
+    if not torch.cuda.is_available():
+        raise ExportError("--format tensorrt needs an NVIDIA GPU: torch sees no CUDA device here")
+    onnx_path = path.with_suffix(".onnx")
+    to_onnx(wrapped, images, expected, onnx_path, spec)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_path.read_bytes()):
+        raise ExportError("TensorRT could not parse the ONNX export: "
+                          + "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)))
+    config = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    for tensor in spec.inputs:
+        item = tuple(tensor.dims)
+        profile.set_shape(tensor.name, (1, *item), (max(1, spec.max_batch_size // 2), *item),
+                          (spec.max_batch_size, *item))
+    config.add_optimization_profile(profile)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise ExportError("TensorRT failed to build the engine (see its log above)")
+    path.write_bytes(bytes(plan))
+    onnx_path.unlink()
+    engine = trt.Runtime(logger).deserialize_cuda_engine(bytes(plan))
+    context = engine.create_execution_context()
+    device_in = images.cuda().contiguous()
+    context.set_input_shape(spec.inputs[0].name, tuple(device_in.shape))
+    context.set_tensor_address(spec.inputs[0].name, device_in.data_ptr())
+    outs = []
+    for tensor in spec.outputs:
+        out = torch.empty(tuple(context.get_tensor_shape(tensor.name)), dtype=torch.float32, device="cuda")
+        context.set_tensor_address(tensor.name, out.data_ptr())
+        outs.append(out)
+    stream = torch.cuda.Stream()
+    context.execute_async_v3(stream.cuda_stream)
+    stream.synchronize()
+    return compare(expected, [o.cpu() for o in outs], "TensorRT")
+
+
+def write_model_file(fmt: str, wrapped, images, expected, path: Path, spec: ModelSpec) -> float:
+    if fmt == "torchscript":
+        return to_torchscript(wrapped, images, expected, path)
+    if fmt == "onnx":
+        return to_onnx(wrapped, images, expected, path, spec)
+    if fmt == "tensorrt":
+        return to_tensorrt(wrapped, images, expected, path, spec)
+    raise ExportError(f"format must be torchscript, onnx or tensorrt, got {fmt!r}")
+
+
 # ------------------------------------------------------------------------ export
-def build_spec(arch: zoo.Architecture, name: str, labels: list[str], max_batch_size: int) -> ModelSpec:
+def build_spec(arch: zoo.Architecture, name: str, labels: list[str], max_batch_size: int,
+               input_size: int | None = None) -> ModelSpec:
     height, width = arch.input_size
+    resize_size = arch.resize_size
+    if input_size is not None:
+        # Same crop ratio as the architecture's default (224 of 256 for ImageNet).
+        if resize_size:
+            resize_size = round(input_size * resize_size / height)
+        height = width = input_size
     return ModelSpec(
-        name=name,
-        task=arch.task,
-        architecture=arch.name,
+        name=name, task=arch.task, architecture=arch.name,
         inputs=(TensorSpec(arch.input_name, np.dtype(np.uint8), (3, height, width)),),
         outputs=(TensorSpec(arch.output_names[0], np.dtype(np.float32), (len(labels),)),),
-        max_batch_size=max_batch_size,
-        resize_mode=arch.resize_mode,
-        resize_size=arch.resize_size,
-        mean=arch.mean,
-        std=arch.std,
-        output_layout=arch.output_layout,
-        labels=tuple(labels),
+        max_batch_size=max_batch_size, resize_mode=arch.resize_mode, resize_size=resize_size,
+        mean=arch.mean, std=arch.std, output_layout=arch.output_layout, labels=tuple(labels),
         options=dict(arch.options),
     )
 
 
-def resolve_labels(arch: zoo.Architecture, labels_file: Path | None, num_classes: int | None,
-                   checkpoint_classes: int | None) -> list[str]:
-    """Labels for the entry; the labels file, --num-classes and the checkpoint must agree."""
-    labels = None
-    if labels_file is not None:
-        labels = [l.strip() for l in Path(labels_file).read_text().splitlines() if l.strip()]
-    counts = {"labels file": len(labels) if labels is not None else None,
-              "--num-classes": num_classes, "checkpoint": checkpoint_classes}
-    given = {k: v for k, v in counts.items() if v is not None}
-    if len(set(given.values())) > 1:
-        raise ExportError("class counts disagree: " + ", ".join(
-            f"{k} has {v}" if k != "--num-classes" else f"--num-classes is {v}" for k, v in given.items()))
-    n = next(iter(given.values()), arch.num_classes)
-    if labels is None:
-        default = zoo.read_labels(arch.labels_resource)
-        labels = default if len(default) == n else [f"class_{i}" for i in range(n)]
-    return labels
+def default_name(arch_name: str, fmt: str) -> str:
+    return arch_name + NAME_SUFFIX[fmt]
 
 
 def export_model(
@@ -145,17 +267,23 @@ def export_model(
     weights: Path | None = None,
     labels_file: Path | None = None,
     num_classes: int | None = None,
+    fmt: str = "torchscript",
     version: int = 1,
+    version_policy: str = "latest",
+    input_size: int | None = None,
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     max_queue_size: int = 0,
     seed: int = 0,
 ) -> ExportResult:
+    """Export zoo architecture `arch_name` (+ checkpoint) as entry `name`, version `version`."""
     arch = zoo.get(arch_name)
-    name = name or arch.name
+    if fmt not in NAME_SUFFIX:
+        raise ExportError(f"format must be one of {', '.join(NAME_SUFFIX)}, got {fmt!r}")
+    name = name or default_name(arch.name, fmt)
     state = load_state_dict(weights) if weights is not None else None
     ckpt_classes = checkpoint_num_classes(state, arch) if state is not None and arch.task == "classification" else None
-    labels = resolve_labels(arch, labels_file, num_classes, ckpt_classes)
-    spec = build_spec(arch, name, labels, max_batch_size)
+    labels = resolve_labels(arch.labels_resource, arch.num_classes, labels_file, num_classes, ckpt_classes)
+    spec = build_spec(arch, name, labels, max_batch_size, input_size)
 
     torch.manual_seed(seed)
     model = arch.build(len(labels))
@@ -164,48 +292,43 @@ def export_model(
     else:
         warnings.warn(f"{arch.name}: no --weights given; exporting seeded random weights (seed {seed}). "
                       "Its answers are meaningless until you export a trained checkpoint.", stacklevel=2)
-    model.eval()
-    wrapped = arch.wrap(model, spec).eval()
-    scripted = torch.jit.script(wrapped)
-    max_diff = check_parity(wrapped, scripted, spec, seed)
-    path = write_entry(repo, spec, scripted, version, max_queue_size=max_queue_size)
-    log.info("exported", extra={"model": name, "path": str(path), "version": version})
-    return ExportResult(name, path, version, spec, max_diff)
+    wrapped = arch.wrap(model.eval(), spec).eval()
+    images = example_batch(spec, seed)
+    with torch.inference_mode():
+        expected = wrapped(images)
+
+    def write(path: Path) -> float:
+        return write_model_file(fmt, wrapped, images, expected, path, spec)
+
+    path, diff = write_entry(repo, spec, fmt, version, write, version_policy=version_policy,
+                             max_queue_size=max_queue_size)
+    log.info("exported", extra={"model": name, "path": str(path), "version": version, "format": fmt})
+    return ExportResult(name, path, version, spec, diff)
 
 
 def example_batch(spec: ModelSpec, seed: int, batch: int = 2) -> torch.Tensor:
+    """Random uint8 images at the spec's input size (64x64 where the size is variable)."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (batch, *spec.image_input.dims), generator=generator, dtype=torch.uint8)
+    dims = tuple(d if d > 0 else 64 for d in spec.image_input.dims)
+    return torch.randint(0, 256, (batch, *dims), generator=generator, dtype=torch.uint8)
 
 
-def check_parity(eager: torch.nn.Module, exported, spec: ModelSpec, seed: int) -> float:
-    """Exported output must equal eager (rtol 1e-3, atol 1e-5) on a random uint8 batch."""
-    images = example_batch(spec, seed)
-    with torch.inference_mode():
-        expected = eager(images)
-        got = exported(images)
-    expected = expected if isinstance(expected, (tuple, list)) else (expected,)
-    got = got if isinstance(got, (tuple, list)) else (got,)
-    worst = 0.0
-    for i, (e, g) in enumerate(zip(expected, got)):
-        if e.shape != g.shape or not torch.allclose(e, g, rtol=PARITY_RTOL, atol=PARITY_ATOL):
-            diff = (e - g).abs().max().item() if e.shape == g.shape else float("inf")
-            raise ExportError(f"exported output {i} differs from eager (max abs diff {diff:.3g})")
-        worst = max(worst, (e - g).abs().max().item() if e.numel() else 0.0)
-    return worst
+def write_entry(repo: Path, spec: ModelSpec, fmt: str, version: int, write_model: Callable[[Path], float],
+                *, version_policy: str = "latest", max_queue_size: int = 0) -> tuple[Path, float]:
+    """Write (or update) `<repo>/<name>`: `<version>/model.*`, both configs and labels.
 
-
-def write_entry(repo: Path, spec: ModelSpec, scripted, version: int, fmt: str = "torchscript",
-                *, max_queue_size: int = 0) -> Path:
-    """Write (or update) `<repo>/<name>`: configs, labels and `<version>/model.*`.
-
-    The version directory is written to a temporary path first and renamed into place,
-    so Triton never sees a half-written model file."""
+    The model file is written and checked in a temporary directory first and renamed
+    into place, so Triton never sees a half-written model. Other versions stay. An
+    entry holds one format: adding a version in another format is refused."""
     entry = Path(repo) / spec.name
+    existing = {p.name for p in entry.glob("[0-9]*/model.*")} if entry.exists() else set()
+    if existing and MODEL_FILENAME[fmt] not in existing:
+        raise ExportError(f"entry {spec.name!r} already holds {', '.join(sorted(existing))}; "
+                          f"each entry has one format (choose another --name)")
     (entry / "configs").mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=entry))
     try:
-        torch.jit.save(scripted, str(tmp / MODEL_FILENAME[fmt]))
+        diff = write_model(tmp / MODEL_FILENAME[fmt])
         target = entry / str(version)
         if target.exists():
             shutil.rmtree(target)
@@ -214,8 +337,76 @@ def write_entry(repo: Path, spec: ModelSpec, scripted, version: int, fmt: str = 
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     (entry / LABELS_FILE).write_text("\n".join(spec.labels) + "\n")
-    for profile, path in (("production", entry / "config.pbtxt"), ("cpu", entry / "configs" / "cpu.pbtxt")):
-        config = spec.to_model_config(profile, fmt, labels_file=LABELS_FILE, max_queue_size=max_queue_size)
+    profiles = [("production", entry / "config.pbtxt")]
+    if fmt != "tensorrt":  # a TensorRT plan needs a GPU: no embedded CPU profile
+        profiles.append(("cpu", entry / "configs" / "cpu.pbtxt"))
+    for profile, path in profiles:
+        config = spec.to_model_config(profile, fmt, labels_file=LABELS_FILE, version_policy=version_policy,
+                                      max_queue_size=max_queue_size)
         path.write_text(f"# Written by convserve export ({profile} profile). Regenerate, don't edit.\n"
                         + text_format.MessageToString(config))
-    return entry
+    return entry, diff
+
+
+# ------------------------------------------------------------- bring your own file
+def export_from_file(
+    source: Path,
+    repo: Path,
+    *,
+    task: str,
+    name: str,
+    input_size: int,
+    labels_file: Path,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+    resize_mode: str = "resize_center_crop",
+    version: int = 1,
+    version_policy: str = "latest",
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    max_queue_size: int = 0,
+) -> ExportResult:
+    """Put an already exported classifier (`model.pt` TorchScript or `model.onnx`) into
+    the repository. It takes float32 [N, 3, S, S] RGB normalized with mean/std (the
+    gateway normalizes); the file must load and its output must be [N, len(labels)]."""
+    source = Path(source)
+    if task != "classification":
+        raise ExportError(f"--from-file supports --task classification here, got {task!r}")
+    if not source.is_file():
+        raise ExportError(f"model file {source} does not exist")
+    labels = read_labels_file(labels_file)
+    fmt = {".pt": "torchscript", ".pth": "torchscript", ".onnx": "onnx"}.get(source.suffix)
+    if fmt is None:
+        raise ExportError(f"--from-file takes a TorchScript .pt or an .onnx file, got {source.name}")
+    sample = np.random.default_rng(0).normal(size=(2, 3, input_size, input_size)).astype(np.float32)
+    if fmt == "torchscript":
+        in_name, out_name = "input__0", "output__0"
+        try:
+            module = torch.jit.load(str(source), map_location="cpu").eval()
+            with torch.inference_mode():
+                out = _as_tuple(module(torch.from_numpy(sample)))[0].numpy()
+        except Exception as exc:
+            raise ExportError(f"{source.name} does not run as TorchScript on [2, 3, {input_size}, "
+                              f"{input_size}] float input: {exc}") from exc
+    else:
+        import onnxruntime as ort
+
+        try:
+            session = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+            in_name, out_name = session.get_inputs()[0].name, session.get_outputs()[0].name
+            out = session.run([out_name], {in_name: sample})[0]
+        except Exception as exc:
+            raise ExportError(f"{source.name} does not run in ONNX Runtime on [2, 3, {input_size}, "
+                              f"{input_size}] float input: {exc}") from exc
+    if out.shape != (2, len(labels)):
+        raise ExportError(f"{source.name} outputs shape {list(out.shape)} for 2 images; "
+                          f"{len(labels)} labels need [2, {len(labels)}]")
+    spec = ModelSpec(
+        name=name, task=task, architecture=f"custom:{source.name}",
+        inputs=(TensorSpec(in_name, np.dtype(np.float32), (3, input_size, input_size)),),
+        outputs=(TensorSpec(out_name, np.dtype(np.float32), (len(labels),)),),
+        max_batch_size=max_batch_size, resize_mode=resize_mode,
+        resize_size=round(input_size * 256 / 224) if resize_mode == "resize_center_crop" else 0,
+        mean=tuple(mean), std=tuple(std), labels=tuple(labels))
+    path, _ = write_entry(repo, spec, fmt, version, lambda dest: (shutil.copyfile(source, dest), 0.0)[1],
+                          version_policy=version_policy, max_queue_size=max_queue_size)
+    return ExportResult(name, path, version, spec, 0.0)
