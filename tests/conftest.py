@@ -114,6 +114,11 @@ def stack(tmp_path_factory):
     workdir.mkdir()
     checkpoints = {"resnet18": make_resnet18_checkpoint(root / "resnet18_test.pth")}
     export_model("resnet18", repo, weights=checkpoints["resnet18"], max_batch_size=4)
+    export_model("resnet18", repo, fmt="onnx", weights=checkpoints["resnet18"], max_batch_size=4)
+    # Two versions served side by side, with different weights.
+    for version in (1, 2):
+        export_model("resnet18", repo, name="versioned", input_size=64, seed=version, version=version,
+                     version_policy="all", max_batch_size=2)
     from slow_model import export_slow_model
 
     export_slow_model(repo, seconds=SLOW_MODEL_SECONDS)
