@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.convserve-installed
 PYTEST_ARGS ?=
 
-.PHONY: install serve test clean
+.PHONY: install serve test observe clean
 
 # One virtual environment for everything: the embedded Triton's python backend stub
 # runs the environment first on PATH, so torch, onnxruntime and this package live here.
@@ -27,6 +27,10 @@ serve: install
 
 test: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# A real Prometheus on 127.0.0.1:9090 scraping a running `make serve` (gateway :9464, Triton :8002).
+observe:
+	bash deploy/observe.sh
 
 clean:
 	rm -rf $(VENV) .convserve service/_proto/*_pb2*.py service/_proto/*_pb2*.pyi
