@@ -238,6 +238,10 @@ def write_model_file(fmt: str, wrapped, images, expected, path: Path, spec: Mode
 # ------------------------------------------------------------------------ export
 def build_spec(arch: zoo.Architecture, name: str, labels: list[str], max_batch_size: int,
                input_size: int | None = None) -> ModelSpec:
+    if arch.task != "classification":
+        # The zoo defines these models already; their gateway pipelines and specs land
+        # with the segmentation and generation work.
+        raise ExportError(f"{arch.name} is a {arch.task} model; exporting it for serving is not supported yet")
     height, width = arch.input_size
     resize_size = arch.resize_size
     if input_size is not None:

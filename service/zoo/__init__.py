@@ -79,4 +79,4 @@ class Normalize(nn.Module):
         return images.float() * self.scale - self.shift
 
 
-from . import classification  # noqa: E402,F401  (registers the classifiers)
+from . import classification, generation, segmentation  # noqa: E402,F401  (they register themselves)
