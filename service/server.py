@@ -26,6 +26,7 @@ from .dataplane import DataPlane
 from .errors import ConvserveError, InvalidArgument, NotFound, ResourceExhausted, Unimplemented
 from .pipelines.common import ImageInput
 from .settings import Settings
+from .auth import TokenStore
 from .triton import TritonModels
 
 log = logging.getLogger("convserve.gateway")
@@ -55,9 +56,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     An unexpected exception becomes INTERNAL with a fixed message: no traceback or path
     reaches the client (it is logged here instead)."""
 
-    def __init__(self, triton: TritonModels, max_in_flight: int):
+    def __init__(self, triton: TritonModels, max_in_flight: int, tokens: TokenStore | None = None):
         self._triton = triton
         self._max_in_flight = max_in_flight
+        self._tokens = tokens
         self.in_flight = 0
 
     async def intercept_service(self, continuation, handler_call_details):
@@ -114,14 +116,18 @@ class _Call:
         self.interceptor.in_flight += 1
         return self
 
-    def _check_capacity(self) -> None:
+    def _admit(self) -> None:
+        """Authentication first, then the in-flight bound."""
+        tokens = self.interceptor._tokens
+        if tokens is not None:
+            tokens.check(self.context.invocation_metadata(), self.model)
         limit = self.interceptor._max_in_flight
         if self.interceptor.in_flight > limit:
             raise ResourceExhausted(f"the gateway is at its limit of {limit} calls in flight; retry later")
 
     async def run(self, awaitable):
         try:
-            self._check_capacity()
+            self._admit()
             return await awaitable
         except ConvserveError as exc:
             await self._abort(exc)
@@ -138,7 +144,7 @@ class _Call:
 
     async def iterate(self, agen):
         try:
-            self._check_capacity()
+            self._admit()
             async for item in agen:
                 yield item
         except ConvserveError as exc:
@@ -257,6 +263,14 @@ class VisionServicer(vision_pb2_grpc.VisionServicer):
 
 
 # --------------------------------------------------------------------------- server
+def _server_credentials(settings: Settings) -> grpc.ServerCredentials:
+    """TLS, or mTLS when a client CA is configured (clients must then present a cert)."""
+    pair = (settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())
+    client_ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials([pair], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
+
+
 class Gateway:
     """The running gateway: gRPC server, health, and the Triton readiness watch."""
 
@@ -266,7 +280,9 @@ class Gateway:
         self.plane = DataPlane(settings, self.triton)
         self.health = HealthServicer()
         self.server = grpc.aio.server(
-            interceptors=[ErrorInterceptor(self.triton, settings.max_in_flight)],
+            interceptors=[ErrorInterceptor(
+                self.triton, settings.max_in_flight,
+                TokenStore(settings.auth_tokens_file) if settings.auth_tokens_file else None)],
             options=self._server_options(settings),
         )
         vision_pb2_grpc.add_VisionServicer_to_server(VisionServicer(self.plane), self.server)
@@ -275,7 +291,11 @@ class Gateway:
             reflection.enable_server_reflection(
                 (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                  reflection.SERVICE_NAME), self.server)
-        self.port = self.server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+        address = f"{settings.grpc_host}:{settings.grpc_port}"
+        if settings.tls_cert_file is not None:
+            self.port = self.server.add_secure_port(address, _server_credentials(settings))
+        else:
+            self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise RuntimeError(f"cannot bind the gRPC port {settings.grpc_host}:{settings.grpc_port}")
         self._watch: asyncio.Task | None = None

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1024 * 1024
@@ -38,6 +38,13 @@ class Settings(BaseSettings):
     # Threads that decode and resize images, off the event loop.
     preprocess_threads: int = Field(2, ge=1, le=256)
     log_level: str = "INFO"
+    # TLS on the gateway port: certificate and key files (PEM). With a client CA, mTLS:
+    # clients must present a certificate signed by it.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    # Bearer-token / API-key auth: a file with one token per line (see service/auth.py).
+    auth_tokens_file: Path | None = None
 
     # --- embedded Triton (`convserve triton` / `convserve serve`)
     model_repository: Path = Path("model_repository")
@@ -57,6 +64,18 @@ class Settings(BaseSettings):
         if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ValueError(f"log level must be DEBUG, INFO, WARNING or ERROR, got {value!r}")
         return level
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> "Settings":
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be set together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file")
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "auth_tokens_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name}: {path} is not a readable file")
+        return self
 
     @property
     def default_model_list(self) -> list[str]:
