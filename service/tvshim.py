@@ -103,6 +103,10 @@ def install() -> bool:
     _tvops.register(_library)
     _state.update(installed=True, shimmed=True)
     import torchvision.extension
+    import torchvision.ops.roi_align  # noqa: F401  (the module; `torchvision.ops.roi_align` is the function)
 
     torchvision.extension._has_ops = _has_ops
+    # The roi_align module imported `_has_ops` by name; without this, eager roi_align
+    # would take torchvision's torch.compile fallback instead of the registered kernel.
+    sys.modules["torchvision.ops.roi_align"]._has_ops = _has_ops
     return True
