@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
+from contextlib import asynccontextmanager
 
 import grpc
 from google.protobuf import any_pb2
@@ -125,10 +126,12 @@ class _Call:
         if self.interceptor.in_flight > limit:
             raise ResourceExhausted(f"the gateway is at its limit of {limit} calls in flight; retry later")
 
-    async def run(self, awaitable):
+    @asynccontextmanager
+    async def _mapped_errors(self):
+        """Admit the call, then map whatever its body raises to a status code."""
         try:
             self._admit()
-            return await awaitable
+            yield
         except ConvserveError as exc:
             await self._abort(exc)
         except NotImplementedError:
@@ -142,23 +145,14 @@ class _Call:
             log.exception("unhandled error", extra={"request_id": self.request_id, "method": self.method})
             await self._abort(_INTERNAL)
 
+    async def run(self, awaitable):
+        async with self._mapped_errors():
+            return await awaitable
+
     async def iterate(self, agen):
-        try:
-            self._admit()
+        async with self._mapped_errors():
             async for item in agen:
                 yield item
-        except ConvserveError as exc:
-            await self._abort(exc)
-        except NotImplementedError:
-            await self._abort(Unimplemented(f"{self.method} is not implemented yet"))
-        except asyncio.CancelledError:
-            self.code = "CANCELLED"
-            raise
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            log.exception("unhandled error", extra={"request_id": self.request_id, "method": self.method})
-            await self._abort(_INTERNAL)
 
     async def _abort(self, exc: ConvserveError):
         self.code, self.message = exc.code, exc.message
