@@ -69,11 +69,9 @@ class Diverging(torch.nn.Module):
 def test_parity_failure_is_refused(tmp_path, monkeypatch):
     import dataclasses
 
-    from service.zoo import classification
-
     arch = zoo.get("resnet18")
     monkeypatch.setitem(zoo.REGISTRY, "resnet18", dataclasses.replace(
-        arch, wrap=lambda model, spec: Diverging(classification.Classifier(model, spec.mean, spec.std))))
+        arch, wrap=lambda model, spec: Diverging(zoo.NormalizedModel(model, spec.mean, spec.std))))
     with pytest.raises(ExportError, match="TorchScript output 0 differs from eager"):
         export_model("resnet18", tmp_path, input_size=64)
     assert not (tmp_path / "resnet18" / "1").exists()

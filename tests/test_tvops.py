@@ -159,24 +159,11 @@ def test_roi_align_rejects_bad_inputs(args, message):
 # --- nms reference: nms_kernel.cpp, line by line ------------------------------------------
 
 def reference_nms(dets, scores, threshold):
-    order = torch.sort(scores, descending=True, stable=True)[1].tolist()
-    x1, y1, x2, y2 = dets.unbind(1)
-    areas = (x2 - x1) * (y2 - y1)
-    suppressed = [False] * len(order)
-    keep = []
-    for rank, i in enumerate(order):
-        if suppressed[i]:
-            continue
-        keep.append(i)
-        for j in order[rank + 1:]:
-            if suppressed[j]:
-                continue
-            w = torch.clamp(torch.minimum(x2[i], x2[j]) - torch.maximum(x1[i], x1[j]), min=0)
-            h = torch.clamp(torch.minimum(y2[i], y2[j]) - torch.maximum(y1[i], y1[j]), min=0)
-            inter = w * h
-            if (inter / (areas[i] + areas[j] - inter)).item() > threshold:
-                suppressed[j] = True
-    return torch.tensor(keep, dtype=torch.int64)
+    """The slow transcription of nms_kernel.cpp that tests/test_boxes.py checks
+    service.boxes against, applied to the same tensors."""
+    from test_boxes import reference_nms as loop
+
+    return torch.from_numpy(loop(dets.numpy(), scores.numpy(), threshold))
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -79,4 +79,18 @@ class Normalize(nn.Module):
         return images.float() * self.scale - self.shift
 
 
+class NormalizedModel(nn.Module):
+    """The exported form of a classifier or a semantic segmenter: uint8 images
+    [N, 3, H, W] RGB -> `Normalize` -> the model's own output (logits [N, C] or
+    [N, C, H, W])."""
+
+    def __init__(self, model: nn.Module, mean, std):
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(self.normalize(images))
+
+
 from . import classification, generation, segmentation  # noqa: E402,F401  (they register themselves)

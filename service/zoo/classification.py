@@ -5,19 +5,7 @@ import torch
 import torchvision
 from torch import nn
 
-from . import Architecture, Normalize, register
-
-
-class Classifier(nn.Module):
-    """Exported form: uint8 images [N, 3, H, W] -> logits [N, C]."""
-
-    def __init__(self, model: nn.Module, mean, std):
-        super().__init__()
-        self.normalize = Normalize(mean, std)
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(self.normalize(images))
+from . import Architecture, Normalize, NormalizedModel, register
 
 
 class GoogLeNetClassifier(nn.Module):
@@ -35,7 +23,7 @@ class GoogLeNetClassifier(nn.Module):
 
 
 def _wrap(model, spec) -> nn.Module:
-    return Classifier(model, spec.mean, spec.std)
+    return NormalizedModel(model, spec.mean, spec.std)
 
 
 def _torchvision(name: str, **kwargs):

@@ -20,7 +20,7 @@ from typing import List
 import torch
 from torch import nn
 
-from . import Architecture, Normalize, register
+from . import Architecture, NormalizedModel, register
 
 # PASCAL VOC 2012's 20 classes plus background: the class set U-Net and SegNet
 # checkpoints are most often trained on.
@@ -224,22 +224,11 @@ def load_vgg16_bn_encoder(model: SegNet, vgg_state: dict) -> None:
 
 
 # ------------------------------------------------------------------------ export
-class Segmenter(nn.Module):
+def _wrap(model, spec) -> nn.Module:
     """Exported form: uint8 images [N, 3, H, W] RGB -> logits float32 [N, C, H, W]
     (output `logits__0`); the gateway takes the argmax and resizes it to the original
     image."""
-
-    def __init__(self, model: nn.Module, mean, std):
-        super().__init__()
-        self.normalize = Normalize(mean, std)
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(self.normalize(images))
-
-
-def _wrap(model, spec) -> nn.Module:
-    return Segmenter(model, spec.mean, spec.std)
+    return NormalizedModel(model, spec.mean, spec.std)
 
 
 # The default U-Net for serving: the paper's depth with half its widths (base 32),
