@@ -38,7 +38,8 @@ def cmd_export(args) -> int:
             extra = {k: tuple(v) for k, v in (("mean", args.mean), ("std", args.std)) if v}
             result = export_from_file(
                 args.from_file, settings.model_repository, task=args.task, name=args.name,
-                input_size=args.input_size, labels_file=args.labels, resize_mode=args.resize_mode, **extra,
+                input_size=args.input_size, labels_file=args.labels, layout=args.layout,
+                resize_mode=args.resize_mode, **extra,
                 **common)
         else:
             if not args.architecture:
@@ -214,10 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Triton refuses requests past this queue length (0: unbounded)")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights when --weights is absent")
     p.add_argument("--from-file", type=Path, help="an exported TorchScript .pt or .onnx file to add as it is")
-    p.add_argument("--task", help="with --from-file: the model's task (classification)")
+    p.add_argument("--task", help="with --from-file: the model's task (classification, detection, "
+                   "semantic_segmentation, instance_segmentation, generation)")
+    p.add_argument("--layout", help="with --from-file: the output layout (classification: logits or "
+                   "probabilities; detection: yolov8 or yolov5)")
     p.add_argument("--mean", type=float, nargs=3, help="with --from-file: per-channel mean (0-1 scale)")
     p.add_argument("--std", type=float, nargs=3, help="with --from-file: per-channel std (0-1 scale)")
-    p.add_argument("--resize-mode", default="resize_center_crop", choices=("resize_center_crop", "stretch"),
+    p.add_argument("--resize-mode", choices=("resize_center_crop", "letterbox", "stretch", "none"),
                    help="with --from-file: how images are brought to the input size")
     p.set_defaults(func=cmd_export)
 

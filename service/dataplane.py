@@ -10,15 +10,14 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from . import metrics
 from .errors import FailedPrecondition, InvalidArgument, Unavailable
 from .imaging import Decoded, normalize
-from .pipelines import classification
-from .pipelines.common import ImageInput, decode_image
+from .pipelines.common import ImageInput, Task, Tensors, decode_image
 from .settings import Settings
 from .spec import ModelSpec
 from .triton import ModelStatus, TritonModels
@@ -64,59 +63,85 @@ class DataPlane:
         if len(images) > limit:
             raise InvalidArgument("images", f"{len(images)} images is over the limit of {limit} per request")
 
+    async def _in_pool(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
     async def prepare(
-        self,
-        images: Sequence[ImageInput],
-        spec: ModelSpec,
-        preprocess: Callable[[Decoded, ModelSpec], np.ndarray],
-    ) -> tuple[list[Decoded], np.ndarray]:
-        """Decode and preprocess every image off the event loop; returns the decoded
-        images and the stacked uint8 batch [N, 3, H, W]."""
+        self, images: Sequence[ImageInput], spec: ModelSpec, task: Task, options,
+    ) -> tuple[list[Decoded], list[Tensors]]:
+        """Decode and preprocess every image off the event loop."""
         max_pixels = self.settings.max_image_pixels
 
-        def work() -> tuple[list[Decoded], np.ndarray]:
+        def work() -> tuple[list[Decoded], list[Tensors]]:
             with metrics.stage(spec.name, "decode"):
                 decoded = [decode_image(image, i, max_pixels) for i, image in enumerate(images)]
             with metrics.stage(spec.name, "preprocess"):
-                batch = np.stack([preprocess(d, spec) for d in decoded])
-            return decoded, batch
+                inputs = [task.preprocess(d, spec, options) for d in decoded]
+            return decoded, inputs
 
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, work)
+        return await self._in_pool(work)
 
-    async def infer(
-        self, spec: ModelSpec, version: str, batch: np.ndarray, timeout_s: float | None
-    ) -> tuple[dict[str, np.ndarray], str]:
-        """Run `batch` through the model in chunks of at most `max_batch_size`, all
-        chunks concurrently; outputs are concatenated back in request order."""
+    def _model_inputs(self, spec: ModelSpec, inputs: Tensors) -> Tensors:
+        image = spec.image_input
+        batch = inputs[image.name]
         if not spec.normalize_in_model:
-            batch = normalize(batch, spec.mean, spec.std).astype(spec.image_input.dtype, copy=False)
+            batch = normalize(batch, spec.mean, spec.std).astype(image.dtype, copy=False)
         if spec.channel_order == "BGR":
             batch = np.ascontiguousarray(batch[:, ::-1])
-        step = spec.max_batch_size if spec.max_batch_size > 0 else len(batch)
-        chunks = [batch[i:i + step] for i in range(0, len(batch), step)]
-        with metrics.stage(spec.name, "infer"):
-            answers = await asyncio.gather(*(
-                self.triton.infer(spec, version, {spec.image_input.name: chunk}, timeout_s)
-                for chunk in chunks))
-        outputs = {
-            name: np.concatenate([out[name] for out, _ in answers]) for name in answers[0][0]
-        }
-        return outputs, answers[0][1]
+        return {**inputs, image.name: batch}
 
-    # --- tasks
-    async def classify(
-        self, model: str, version: str, images: Sequence[ImageInput], top_k: int | None,
+    async def infer(
+        self, spec: ModelSpec, version: str, per_image: list[Tensors], timeout_s: float | None
+    ) -> tuple[list[Tensors], str]:
+        """Run every image's items through the model and return each image's outputs.
+
+        Items whose inputs have equal shapes are concatenated and sent in chunks of at
+        most `max_batch_size` (variable-size models form one group per shape); all
+        chunks run concurrently and the outputs are split back per image, in order."""
+        groups: dict[tuple, list[int]] = {}
+        for i, tensors in enumerate(per_image):
+            key = tuple((name, a.shape[1:], a.dtype.str) for name, a in sorted(tensors.items()))
+            groups.setdefault(key, []).append(i)
+        calls, plan = [], []  # plan: (group's image indices, item counts, first call, n calls)
+        for members in groups.values():
+            counts = [len(next(iter(per_image[i].values()))) for i in members]
+            joined = {name: np.concatenate([per_image[i][name] for i in members])
+                      for name in per_image[members[0]]}
+            joined = self._model_inputs(spec, joined)
+            total = sum(counts)
+            step = spec.max_batch_size if spec.max_batch_size > 0 else total
+            first = len(calls)
+            for lo in range(0, total, step):
+                chunk = {name: a[lo:lo + step] for name, a in joined.items()}
+                calls.append(self.triton.infer(spec, version, chunk, timeout_s))
+            plan.append((members, counts, first, len(calls) - first))
+        with metrics.stage(spec.name, "infer"):
+            answers = await asyncio.gather(*calls)
+        results: list[Tensors] = [{} for _ in per_image]
+        for members, counts, first, n in plan:
+            part = answers[first:first + n]
+            joined = {name: np.concatenate([out[name] for out, _ in part]) for name in part[0][0]}
+            offsets = np.cumsum([0] + counts)
+            for i, lo, hi in zip(members, offsets[:-1], offsets[1:]):
+                results[i] = {name: a[lo:hi] for name, a in joined.items()}
+        return results, answers[0][1]
+
+    async def run(
+        self, task: Task, model: str, version: str, images: Sequence[ImageInput], request: dict,
         timeout_s: float | None,
     ) -> Answer:
+        """One request of any task: resolve -> decode + preprocess -> infer -> postprocess."""
         self.check_images(images)
-        spec = await self.resolve(model, version, ("classification",))
-        k = classification.resolve_top_k(top_k, spec)
-        _, batch = await self.prepare(images, spec, classification.preprocess)
-        outputs, answered_version = await self.infer(spec, version, batch, timeout_s)
-        with metrics.stage(spec.name, "postprocess"):
-            results = classification.postprocess(outputs, spec, k)
-        return Answer(spec.name, answered_version, results)
+        spec = await self.resolve(model, version, task.tasks)
+        options = task.options(request, spec)
+        decoded, inputs = await self.prepare(images, spec, task, options)
+        outputs, answered_version = await self.infer(spec, version, inputs, timeout_s)
+
+        def post() -> list:
+            with metrics.stage(spec.name, "postprocess"):
+                return [task.postprocess(o, spec, d, options) for o, d in zip(outputs, decoded)]
+
+        return Answer(spec.name, answered_version, await self._in_pool(post))
 
     # --- discovery
     async def list_models(self) -> list[tuple[ModelStatus, ModelSpec | None]]:

@@ -238,10 +238,8 @@ def write_model_file(fmt: str, wrapped, images, expected, path: Path, spec: Mode
 # ------------------------------------------------------------------------ export
 def build_spec(arch: zoo.Architecture, name: str, labels: list[str], max_batch_size: int,
                input_size: int | None = None) -> ModelSpec:
-    if arch.task != "classification":
-        # The zoo defines these models already; their gateway pipelines and specs land
-        # with the segmentation and generation work.
-        raise ExportError(f"{arch.name} is a {arch.task} model; exporting it for serving is not supported yet")
+    """The spec of zoo architecture `arch` exported as entry `name`; the architecture's
+    hooks say what its outputs are and whether its input size is fixed."""
     height, width = arch.input_size
     resize_size = arch.resize_size
     if input_size is not None:
@@ -249,10 +247,15 @@ def build_spec(arch: zoo.Architecture, name: str, labels: list[str], max_batch_s
         if resize_size:
             resize_size = round(input_size * resize_size / height)
         height = width = input_size
+    if arch.output_specs is None:
+        outputs = (TensorSpec(arch.output_names[0], np.dtype(np.float32), (len(labels),)),)
+    else:
+        outputs = tuple(arch.output_specs(len(labels), height, width))
+    in_dims = (3, -1, -1) if arch.variable_input_size else (3, height, width)
     return ModelSpec(
         name=name, task=arch.task, architecture=arch.name,
-        inputs=(TensorSpec(arch.input_name, np.dtype(np.uint8), (3, height, width)),),
-        outputs=(TensorSpec(arch.output_names[0], np.dtype(np.float32), (len(labels),)),),
+        inputs=(TensorSpec(arch.input_name, np.dtype(np.uint8), in_dims),),
+        outputs=outputs,
         max_batch_size=max_batch_size, resize_mode=arch.resize_mode, resize_size=resize_size,
         mean=arch.mean, std=arch.std, output_layout=arch.output_layout, labels=tuple(labels),
         options=dict(arch.options),
@@ -297,7 +300,8 @@ def export_model(
         warnings.warn(f"{arch.name}: no --weights given; exporting seeded random weights (seed {seed}). "
                       "Its answers are meaningless until you export a trained checkpoint.", stacklevel=2)
     wrapped = arch.wrap(model.eval(), spec).eval()
-    images = example_batch(spec, seed)
+    images = example_batch(spec, seed, size=(spec.input_height, spec.input_width) if input_size is None
+                           else (input_size, input_size))
     with torch.inference_mode():
         expected = wrapped(images)
 
@@ -310,10 +314,10 @@ def export_model(
     return ExportResult(name, path, version, spec, diff)
 
 
-def example_batch(spec: ModelSpec, seed: int, batch: int = 2) -> torch.Tensor:
-    """Random uint8 images at the spec's input size (64x64 where the size is variable)."""
+def example_batch(spec: ModelSpec, seed: int, batch: int = 2, size: tuple[int, int] = (64, 64)) -> torch.Tensor:
+    """Random uint8 images at the spec's input size (`size` where it is variable)."""
     generator = torch.Generator().manual_seed(seed)
-    dims = tuple(d if d > 0 else 64 for d in spec.image_input.dims)
+    dims = tuple(d if d > 0 else fallback for d, fallback in zip(spec.image_input.dims, (3, *size)))
     return torch.randint(0, 256, (batch, *dims), generator=generator, dtype=torch.uint8)
 
 
@@ -353,6 +357,60 @@ def write_entry(repo: Path, spec: ModelSpec, fmt: str, version: int, write_model
 
 
 # ------------------------------------------------------------- bring your own file
+@dataclass(frozen=True)
+class FileOutputs:
+    """What a task makes of a file's outputs on the sample batch: the output tensor
+    specs and the spec fields that depend on them."""
+
+    outputs: tuple[TensorSpec, ...]
+    output_layout: str
+    resize_mode: str
+    resize_size: int = 0
+    options: dict | None = None
+
+
+def _classification_outputs(outputs: list[tuple[str, np.ndarray]], labels: list[str], input_size: int,
+                            layout: str | None, source: str) -> FileOutputs:
+    name, out = outputs[0]
+    if out.shape != (2, len(labels)):
+        raise ExportError(f"{source} outputs shape {list(out.shape)} for 2 images; "
+                          f"{len(labels)} labels need [2, {len(labels)}]")
+    if layout not in (None, "logits", "probabilities"):
+        raise ExportError(f"--layout for classification is logits or probabilities, got {layout!r}")
+    return FileOutputs((TensorSpec(name, np.dtype(np.float32), (len(labels),)),), layout or "logits",
+                       "resize_center_crop", round(input_size * 256 / 224))
+
+
+# --task -> how that task checks a file's outputs and describes them. Each task that
+# accepts --from-file adds itself here.
+FILE_TASKS: dict[str, Callable[..., FileOutputs]] = {
+    "classification": _classification_outputs,
+}
+
+
+def _run_file(source: Path, fmt: str, sample: np.ndarray) -> tuple[str, list[tuple[str, np.ndarray]]]:
+    """Run the file on the sample batch: (input name, [(output name, array), ...])."""
+    shape = list(sample.shape)
+    if fmt == "torchscript":
+        try:
+            module = torch.jit.load(str(source), map_location="cpu").eval()
+            with torch.inference_mode():
+                got = _as_tuple(module(torch.from_numpy(sample)))
+        except Exception as exc:
+            raise ExportError(f"{source.name} does not run as TorchScript on {shape} float input: {exc}") from exc
+        return "input__0", [(f"output__{i}", t.numpy()) for i, t in enumerate(got)]
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+        in_name = session.get_inputs()[0].name
+        names = [o.name for o in session.get_outputs()]
+        got = session.run(names, {in_name: sample})
+    except Exception as exc:
+        raise ExportError(f"{source.name} does not run in ONNX Runtime on {shape} float input: {exc}") from exc
+    return in_name, list(zip(names, got))
+
+
 def export_from_file(
     source: Path,
     repo: Path,
@@ -361,56 +419,39 @@ def export_from_file(
     name: str,
     input_size: int,
     labels_file: Path,
+    layout: str | None = None,
     mean: tuple[float, float, float] = IMAGENET_MEAN,
     std: tuple[float, float, float] = IMAGENET_STD,
-    resize_mode: str = "resize_center_crop",
+    resize_mode: str | None = None,
     version: int = 1,
     version_policy: str = "latest",
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     max_queue_size: int = 0,
 ) -> ExportResult:
-    """Put an already exported classifier (`model.pt` TorchScript or `model.onnx`) into
-    the repository. It takes float32 [N, 3, S, S] RGB normalized with mean/std (the
-    gateway normalizes); the file must load and its output must be [N, len(labels)]."""
+    """Put an already exported model (`model.pt` TorchScript or `model.onnx`) into the
+    repository. It takes float32 [N, 3, S, S] RGB normalized with mean/std (the gateway
+    normalizes); the file must load, and its outputs must fit the task and `layout`."""
     source = Path(source)
-    if task != "classification":
-        raise ExportError(f"--from-file supports --task classification here, got {task!r}")
+    if task not in FILE_TASKS:
+        raise ExportError(f"--from-file supports --task {', '.join(FILE_TASKS)}; got {task!r}")
     if not source.is_file():
         raise ExportError(f"model file {source} does not exist")
     labels = read_labels_file(labels_file)
-    fmt = {".pt": "torchscript", ".pth": "torchscript", ".onnx": "onnx"}.get(source.suffix)
+    fmt = {".pt": "torchscript", ".pth": "torchscript", ".torchscript": "torchscript",
+           ".onnx": "onnx"}.get(source.suffix)
     if fmt is None:
         raise ExportError(f"--from-file takes a TorchScript .pt or an .onnx file, got {source.name}")
     sample = np.random.default_rng(0).normal(size=(2, 3, input_size, input_size)).astype(np.float32)
-    if fmt == "torchscript":
-        in_name, out_name = "input__0", "output__0"
-        try:
-            module = torch.jit.load(str(source), map_location="cpu").eval()
-            with torch.inference_mode():
-                out = _as_tuple(module(torch.from_numpy(sample)))[0].numpy()
-        except Exception as exc:
-            raise ExportError(f"{source.name} does not run as TorchScript on [2, 3, {input_size}, "
-                              f"{input_size}] float input: {exc}") from exc
-    else:
-        import onnxruntime as ort
-
-        try:
-            session = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
-            in_name, out_name = session.get_inputs()[0].name, session.get_outputs()[0].name
-            out = session.run([out_name], {in_name: sample})[0]
-        except Exception as exc:
-            raise ExportError(f"{source.name} does not run in ONNX Runtime on [2, 3, {input_size}, "
-                              f"{input_size}] float input: {exc}") from exc
-    if out.shape != (2, len(labels)):
-        raise ExportError(f"{source.name} outputs shape {list(out.shape)} for 2 images; "
-                          f"{len(labels)} labels need [2, {len(labels)}]")
+    in_name, outputs = _run_file(source, fmt, sample)
+    described = FILE_TASKS[task](outputs, labels, input_size, layout, source.name)
     spec = ModelSpec(
         name=name, task=task, architecture=f"custom:{source.name}",
         inputs=(TensorSpec(in_name, np.dtype(np.float32), (3, input_size, input_size)),),
-        outputs=(TensorSpec(out_name, np.dtype(np.float32), (len(labels),)),),
-        max_batch_size=max_batch_size, resize_mode=resize_mode,
-        resize_size=round(input_size * 256 / 224) if resize_mode == "resize_center_crop" else 0,
-        mean=tuple(mean), std=tuple(std), labels=tuple(labels))
+        outputs=described.outputs, max_batch_size=max_batch_size,
+        resize_mode=resize_mode or described.resize_mode,
+        resize_size=described.resize_size if (resize_mode or described.resize_mode) == "resize_center_crop" else 0,
+        mean=tuple(mean), std=tuple(std), output_layout=described.output_layout, labels=tuple(labels),
+        options=dict(described.options or {}))
     path, _ = write_entry(repo, spec, fmt, version, lambda dest: (shutil.copyfile(source, dest), 0.0)[1],
                           version_policy=version_policy, max_queue_size=max_queue_size)
     return ExportResult(name, path, version, spec, 0.0)

@@ -25,6 +25,7 @@ from . import metrics
 from ._proto import vision_pb2, vision_pb2_grpc
 from .dataplane import DataPlane
 from .errors import ConvserveError, InvalidArgument, NotFound, ResourceExhausted, Unimplemented
+from .pipelines import classification
 from .pipelines.common import ImageInput
 from .settings import Settings
 from .auth import TokenStore
@@ -235,9 +236,9 @@ class VisionServicer(vision_pb2_grpc.VisionServicer):
         self.plane = plane
 
     async def Classify(self, request, context):
-        answer = await self.plane.classify(
-            request.model, request.model_version, images_from_proto(request.images),
-            _optional(request, "top_k"), context.time_remaining())
+        answer = await self.plane.run(
+            classification.TASK, request.model, request.model_version, images_from_proto(request.images),
+            {"top_k": _optional(request, "top_k")}, context.time_remaining())
         return vision_pb2.ClassifyResponse(
             model=answer.model, model_version=answer.version,
             results=[vision_pb2.Classification(labels=[_label(l) for l in labels])

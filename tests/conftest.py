@@ -103,25 +103,24 @@ def start_gateway(workdir: Path, triton_grpc_port: int, port: int, metrics_port:
     return process, log
 
 
+def stack_modules():
+    import importlib
+
+    return [importlib.import_module(path.stem) for path in sorted(Path(__file__).parent.glob("stack_*.py"))]
+
+
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory):
     from service.embedded import start_triton
-    from service.exporter import export_model
 
     root = tmp_path_factory.mktemp("stack")
     repo = root / "model_repository"
     workdir = root / "work"
     workdir.mkdir()
-    checkpoints = {"resnet18": make_resnet18_checkpoint(root / "resnet18_test.pth")}
-    export_model("resnet18", repo, weights=checkpoints["resnet18"], max_batch_size=4)
-    export_model("resnet18", repo, fmt="onnx", weights=checkpoints["resnet18"], max_batch_size=4)
-    # Two versions served side by side, with different weights.
-    for version in (1, 2):
-        export_model("resnet18", repo, name="versioned", input_size=64, seed=version, version=version,
-                     version_policy="all", max_batch_size=2)
-    from slow_model import export_slow_model
-
-    export_slow_model(repo, seconds=SLOW_MODEL_SECONDS)
+    checkpoints: dict = {}
+    # Every tests/stack_<task>.py adds its task's models to the one shared repository.
+    for module in stack_modules():
+        module.export(repo, root, checkpoints)
 
     http, grpc_port, metrics = free_port(), free_port(), free_port()
     triton = start_triton(repo, http_port=http, grpc_port=grpc_port, metrics_port=metrics,

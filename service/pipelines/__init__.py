@@ -1,5 +1,6 @@
 """Task pipelines: decode -> preprocess -> infer -> postprocess, as pure functions.
 
-Each task module exposes `preprocess` and `postprocess` over numpy arrays; the shared
-running of a request (decoding in threads, batching, timing) lives in `runner.py`.
+Each task module defines a `Task` (common.py): request options, then preprocess and
+postprocess over numpy arrays for one image. The data plane (dataplane.py) runs any
+task the same way.
 """

@@ -8,6 +8,7 @@ import numpy as np
 from ..errors import InvalidArgument
 from ..imaging import Decoded, resize_center_crop, resize_stretch, softmax, top_k
 from ..spec import ModelSpec
+from .common import Task, Tensors
 
 DEFAULT_TOP_K = 5
 
@@ -38,6 +39,10 @@ def resolve_top_k(requested: int | None, spec: ModelSpec) -> int:
     return requested
 
 
+def label_name(spec: ModelSpec, index: int) -> str:
+    return spec.labels[index] if 0 <= index < len(spec.labels) else str(index)
+
+
 def postprocess(outputs: dict[str, np.ndarray], spec: ModelSpec, k: int) -> list[list[LabelScore]]:
     """Top-k labels per image from the first output, [N, C] logits or probabilities."""
     scores = outputs[spec.outputs[0].name]
@@ -47,8 +52,21 @@ def postprocess(outputs: dict[str, np.ndarray], spec: ModelSpec, k: int) -> list
     results = []
     for row in scores:
         idx, values = top_k(row, k)
-        results.append([
-            LabelScore(int(i), spec.labels[i] if i < len(spec.labels) else str(int(i)), float(v))
-            for i, v in zip(idx, values)
-        ])
+        results.append([LabelScore(int(i), label_name(spec, int(i)), float(v)) for i, v in zip(idx, values)])
     return results
+
+
+class Classification(Task):
+    tasks = ("classification",)
+
+    def options(self, request, spec):
+        return resolve_top_k(request.get("top_k"), spec)
+
+    def preprocess(self, decoded, spec, options) -> Tensors:
+        return {spec.image_input.name: preprocess(decoded, spec)[None]}
+
+    def postprocess(self, outputs, spec, decoded, options):
+        return postprocess(outputs, spec, options)[0]
+
+
+TASK = Classification()

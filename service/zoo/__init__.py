@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .. import tvshim
+from ..spec import TensorSpec
 
 tvshim.install()
 
@@ -41,6 +42,12 @@ class Architecture:
     input_name: str = "images__0"
     output_names: tuple[str, ...] = ("logits__0",)
     options: dict[str, str] = field(default_factory=dict)
+    # The exported model's output tensors, given (number of labels, input height, input
+    # width). None: one float32 [C] vector named output_names[0] (a classifier).
+    output_specs: Callable[[int, int, int], tuple[TensorSpec, ...]] | None = None
+    # Fully convolutional models take any input size: the exported image input is
+    # [3, -1, -1] and `input_size` is only the size used for parity checks.
+    variable_input_size: bool = False
     # Called with (model, state_dict) after a strict load fails, to allow known
     # differences (e.g. GoogLeNet's auxiliary heads); returns the dict to load.
     adapt_state_dict: Callable[[nn.Module, dict], dict] | None = None
