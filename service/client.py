@@ -1,4 +1,8 @@
-"""`convserve predict`: a small gRPC client that prints results or draws them."""
+"""`convserve predict`: a small gRPC client that prints results or draws them.
+
+It asks the model's task with GetModel, then calls that task's method; each task has one
+function here that sends the request, prints the answer and draws `--out`.
+"""
 from __future__ import annotations
 
 import json
@@ -16,35 +20,27 @@ def _fail(error: grpc.RpcError) -> int:
     return 1
 
 
-def predict_main(args) -> int:
-    channel = grpc.insecure_channel(args.server, options=[
-        ("grpc.max_send_message_length", 64 * 1024 * 1024),
-        ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
-    stub = vision_pb2_grpc.VisionStub(channel)
-    try:
-        info = stub.GetModel(vision_pb2.GetModelRequest(name=args.model), timeout=args.timeout)
-    except grpc.RpcError as error:
-        return _fail(error)
-    images = [vision_pb2.Image(encoded=Path(p).read_bytes()) for p in args.images]
-    if info.task != "classification":
-        print(f"convserve predict: model {args.model!r} is a {info.task or 'unknown'} model; "
-              "this client version draws classification only", file=sys.stderr)
-        return 2
+def _upright(path) -> Image.Image:
+    """The image as the gateway sees it: EXIF orientation applied, RGB."""
+    return ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+
+
+def _print_json(response, results: list) -> None:
+    print(json.dumps({"model": response.model, "model_version": response.model_version, "results": results},
+                     indent=2))
+
+
+def classify(stub, args, images) -> int:
     request = vision_pb2.ClassifyRequest(model=args.model, images=images, model_version=args.model_version)
     if args.top_k is not None:
         request.top_k = args.top_k
-    try:
-        response = stub.Classify(request, timeout=args.timeout)
-    except grpc.RpcError as error:
-        return _fail(error)
+    response = stub.Classify(request, timeout=args.timeout)
     rows = [
         [{"index": l.index, "name": l.name, "score": round(l.score, 6)} for l in result.labels]
         for result in response.results
     ]
     if args.json:
-        print(json.dumps({"model": response.model, "model_version": response.model_version,
-                          "results": [{"image": str(p), "labels": r} for p, r in zip(args.images, rows)]},
-                         indent=2))
+        _print_json(response, [{"image": str(p), "labels": r} for p, r in zip(args.images, rows)])
     else:
         for path, labels in zip(args.images, rows):
             print(f"{path}  ({response.model} v{response.model_version})")
@@ -54,8 +50,34 @@ def predict_main(args) -> int:
     if args.out:
         from .draw import draw_labels
 
-        image = ImageOps.exif_transpose(Image.open(args.images[0])).convert("RGB")
         lines = [f"{l['name']}  {l['score']:.3f}" for l in rows[0]]
-        draw_labels(image, lines).save(args.out, format="PNG")
+        draw_labels(_upright(args.images[0]), lines).save(args.out, format="PNG")
         print(f"wrote {args.out}")
     return 0
+
+
+# Model task (ModelInfo.task) -> the function that calls its method.
+TASKS = {
+    "classification": classify,
+}
+
+
+def predict_main(args) -> int:
+    channel = grpc.insecure_channel(args.server, options=[
+        ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+    stub = vision_pb2_grpc.VisionStub(channel)
+    try:
+        info = stub.GetModel(vision_pb2.GetModelRequest(name=args.model), timeout=args.timeout)
+    except grpc.RpcError as error:
+        return _fail(error)
+    call = TASKS.get(info.task)
+    if call is None:
+        print(f"convserve predict: model {args.model!r} is a {info.task or 'unknown'} model, "
+              "which this client cannot call", file=sys.stderr)
+        return 2
+    images = [vision_pb2.Image(encoded=Path(p).read_bytes()) for p in args.images]
+    try:
+        return call(stub, args, images)
+    except grpc.RpcError as error:
+        return _fail(error)

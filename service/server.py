@@ -244,6 +244,8 @@ class VisionServicer(vision_pb2_grpc.VisionServicer):
             results=[vision_pb2.Classification(labels=[_label(l) for l in labels])
                      for labels in answer.results])
 
+    # Detect and DetectStream: pipelines/detection.py (not implemented yet).
+
     async def ListModels(self, request, context):
         models = await self.plane.list_models()
         return vision_pb2.ListModelsResponse(models=[model_info(s, spec) for s, spec in models])
@@ -255,6 +257,12 @@ class VisionServicer(vision_pb2_grpc.VisionServicer):
             if status.name == request.name:
                 return model_info(status, spec)
         raise NotFound(f"unknown model {request.name!r}")
+
+    # Segment: pipelines/segmentation.py (not implemented yet).
+
+    # ----------------------------------------------------------------------------
+
+    # Generate: pipelines/generation.py (not implemented yet).
 
 
 # --------------------------------------------------------------------------- server
