@@ -359,3 +359,31 @@ def batched_nms(boxes, scores, class_ids, iou_threshold: float, *, class_agnosti
     keep = np.zeros(len(b), bool)
     keep[by_class[keep_sorted]] = True
     return order[keep[order]].astype(np.int64, copy=False)
+
+
+def select_detections(boxes, scores, labels, *, score_threshold: float, iou_threshold: float,
+                      max_detections: int, class_ids=None, class_agnostic: bool = False) -> np.ndarray:
+    """The detections a Detect (or instance Segment) answer returns, best first.
+
+    The order of steps is the API's: ``score > score_threshold`` (strict, as
+    torchvision's RoIHeads and Ultralytics' NMS), then the ``class_ids`` filter (empty or
+    None: every class), then class-aware NMS (`batched_nms`, or plain `nms` when
+    ``class_agnostic``), then the first ``max_detections``. Returns int64 indices into the
+    inputs, by decreasing score (ties in index order)."""
+    s = _as_scores(scores, len(_as_boxes(boxes)))
+    candidates = s > score_threshold
+    labels = np.asarray(labels)
+    if class_ids is not None and len(class_ids):
+        candidates &= np.isin(labels, np.asarray(class_ids))
+    idx = np.flatnonzero(candidates)
+    kept = batched_nms(np.asarray(boxes)[idx], s[idx], labels[idx], iou_threshold,
+                       class_agnostic=class_agnostic)
+    return idx[kept[:max_detections]].astype(np.int64, copy=False)
+
+
+def clip_boxes(boxes, width: int, height: int) -> np.ndarray:
+    """``boxes`` ([N, 4], x1, y1, x2, y2) clipped to an image of ``width`` x ``height``."""
+    b = np.array(boxes, dtype=np.float32 if np.asarray(boxes).dtype != np.float64 else np.float64)
+    np.clip(b[:, 0::2], 0, width, out=b[:, 0::2])
+    np.clip(b[:, 1::2], 0, height, out=b[:, 1::2])
+    return b
