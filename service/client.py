@@ -56,9 +56,44 @@ def classify(stub, args, images) -> int:
     return 0
 
 
+def detect(stub, args, images) -> int:
+    request = vision_pb2.DetectRequest(model=args.model, images=images, model_version=args.model_version,
+                                       class_ids=getattr(args, "class_ids", None) or [])
+    for field in ("score_threshold", "iou_threshold", "max_detections"):
+        if getattr(args, field, None) is not None:
+            setattr(request, field, getattr(args, field))
+    response = stub.Detect(request, timeout=args.timeout)
+    rows = [
+        [{"index": d.label.index, "name": d.label.name, "score": round(d.label.score, 6),
+          "box": [round(v, 2) for v in (d.box.x_min, d.box.y_min, d.box.x_max, d.box.y_max)]}
+         for d in result.detections]
+        for result in response.results
+    ]
+    if args.json:
+        _print_json(response, [{"image": str(p), "width": r.image_width, "height": r.image_height,
+                                "detections": d} for p, r, d in zip(args.images, response.results, rows)])
+    else:
+        for path, result, detections in zip(args.images, response.results, rows):
+            print(f"{path}  {result.image_width}x{result.image_height}  ({response.model} "
+                  f"v{response.model_version}): {len(detections)} detections")
+            print(f"  {'index':>5}  {'score':>7}  {'x_min':>7} {'y_min':>7} {'x_max':>7} {'y_max':>7}  label")
+            for d in detections:
+                print(f"  {d['index']:>5}  {d['score']:>7.4f}  " + " ".join(f"{v:>7.1f}" for v in d["box"])
+                      + f"  {d['name']}")
+    if args.out:
+        from .draw import draw_boxes
+
+        image = draw_boxes(_upright(args.images[0]), [
+            (d["box"], f"{d['name']} {d['score']:.2f}", d["index"]) for d in rows[0]])
+        image.save(args.out, format="PNG")
+        print(f"wrote {args.out}")
+    return 0
+
+
 # Model task (ModelInfo.task) -> the function that calls its method.
 TASKS = {
     "classification": classify,
+    "detection": detect,
 }
 
 

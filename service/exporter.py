@@ -367,6 +367,9 @@ class FileOutputs:
     resize_mode: str
     resize_size: int = 0
     options: dict | None = None
+    # The task's default input normalization (None: ImageNet's); --mean/--std override.
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
 
 
 def _classification_outputs(outputs: list[tuple[str, np.ndarray]], labels: list[str], input_size: int,
@@ -381,10 +384,37 @@ def _classification_outputs(outputs: list[tuple[str, np.ndarray]], labels: list[
                        "resize_center_crop", round(input_size * 256 / 224))
 
 
+# Detection files default to Ultralytics' conventions: inputs x / 255 (mean 0, std 1),
+# letterbox, and its predict thresholds.
+DETECTION_FILE_OPTIONS = {"score_threshold": "0.25", "iou_threshold": "0.7", "max_detections": "300"}
+
+
+def _detection_outputs(outputs: list[tuple[str, np.ndarray]], labels: list[str], input_size: int,
+                       layout: str | None, source: str) -> FileOutputs:
+    """yolov8: one output [N, 4 + C, A]; yolov5: [N, A, 5 + C]; C = the label count."""
+    layout = layout or "yolov8"
+    if layout not in ("yolov8", "yolov5"):
+        raise ExportError(f"--layout for detection files is yolov8 or yolov5, got {layout!r}")
+    name, out = outputs[0]
+    c = len(labels)
+    if out.ndim != 3 or out.shape[0] != 2:
+        raise ExportError(f"{source} outputs shape {list(out.shape)} for 2 images; layout {layout} needs "
+                          + ("[2, 4 + C, A]" if layout == "yolov8" else "[2, A, 5 + C]"))
+    rows = out.shape[1] if layout == "yolov8" else out.shape[2]
+    extra = 4 if layout == "yolov8" else 5
+    if rows != extra + c:
+        raise ExportError(f"{source} outputs shape {list(out.shape)}: layout {layout} with {c} labels needs "
+                          f"{extra} + {c} = {extra + c} values per box, the file has {rows}")
+    dims = tuple(int(d) for d in out.shape[1:])
+    return FileOutputs((TensorSpec(name, np.dtype(np.float32), dims),), layout, "letterbox",
+                       options=dict(DETECTION_FILE_OPTIONS), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+
 # --task -> how that task checks a file's outputs and describes them. Each task that
 # accepts --from-file adds itself here.
 FILE_TASKS: dict[str, Callable[..., FileOutputs]] = {
     "classification": _classification_outputs,
+    "detection": _detection_outputs,
 }
 
 
@@ -420,8 +450,8 @@ def export_from_file(
     input_size: int,
     labels_file: Path,
     layout: str | None = None,
-    mean: tuple[float, float, float] = IMAGENET_MEAN,
-    std: tuple[float, float, float] = IMAGENET_STD,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
     resize_mode: str | None = None,
     version: int = 1,
     version_policy: str = "latest",
@@ -430,7 +460,8 @@ def export_from_file(
 ) -> ExportResult:
     """Put an already exported model (`model.pt` TorchScript or `model.onnx`) into the
     repository. It takes float32 [N, 3, S, S] RGB normalized with mean/std (the gateway
-    normalizes); the file must load, and its outputs must fit the task and `layout`."""
+    normalizes; unset, the task's default: ImageNet's, or x / 255 for detection); the
+    file must load, and its outputs must fit the task and `layout`."""
     source = Path(source)
     if task not in FILE_TASKS:
         raise ExportError(f"--from-file supports --task {', '.join(FILE_TASKS)}; got {task!r}")
@@ -450,7 +481,8 @@ def export_from_file(
         outputs=described.outputs, max_batch_size=max_batch_size,
         resize_mode=resize_mode or described.resize_mode,
         resize_size=described.resize_size if (resize_mode or described.resize_mode) == "resize_center_crop" else 0,
-        mean=tuple(mean), std=tuple(std), output_layout=described.output_layout, labels=tuple(labels),
+        mean=tuple(mean or described.mean or IMAGENET_MEAN), std=tuple(std or described.std or IMAGENET_STD),
+        output_layout=described.output_layout, labels=tuple(labels),
         options=dict(described.options or {}))
     path, _ = write_entry(repo, spec, fmt, version, lambda dest: (shutil.copyfile(source, dest), 0.0)[1],
                           version_policy=version_policy, max_queue_size=max_queue_size)

@@ -3,7 +3,11 @@
 Images are handled as Pillow RGB images until the last step, which yields a uint8
 array in CHW layout. Resizing goes through Pillow's bilinear filter with antialiasing,
 which is exactly what torchvision's `transforms.Resize` does on PIL images, so the
-gateway's pixels equal the reference pipeline's.
+gateway's pixels equal the reference pipeline's. Letterbox (YOLO) resizes with OpenCV's
+INTER_LINEAR instead, as Ultralytics does.
+
+Every resize has a `Placement`, its exact inverse for boxes: model-input pixels back
+to the original (EXIF-upright) image's pixels.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import io
 import warnings
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -116,6 +121,84 @@ def resize_stretch(image: Image.Image, width: int, height: int) -> np.ndarray:
     if image.size == (width, height):
         return to_chw(image)
     return to_chw(image.resize((width, height), Image.BILINEAR))
+
+
+# Letterbox padding value: Ultralytics' gray, so padded borders look like its training data.
+LETTERBOX_PAD = 114
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the original image lies in the model input, per axis: an original pixel
+    coordinate ``x`` maps to ``(x / scale_x) + offset_x`` input pixels. Coordinates are
+    continuous pixel edges (0 is the left edge of the first pixel, width the right edge
+    of the last), the convention boxes use; resizing maps edges to edges."""
+
+    scale_x: float   # original pixels per input pixel
+    scale_y: float
+    offset_x: float  # input position of the original's left / top edge
+    offset_y: float
+
+    def to_original(self, boxes: np.ndarray) -> np.ndarray:
+        """``boxes`` ``[N, 4]`` (x1, y1, x2, y2) in input pixels -> original pixels, in
+        the boxes' float dtype (float32 for anything else). Not clipped."""
+        b = np.asarray(boxes)
+        dtype = b.dtype if b.dtype == np.float64 else np.float32
+        offset = np.array([self.offset_x, self.offset_y] * 2, dtype)
+        scale = np.array([self.scale_x, self.scale_y] * 2, dtype)
+        return (b.astype(dtype, copy=False) - offset) * scale
+
+
+IDENTITY = Placement(1.0, 1.0, 0.0, 0.0)
+
+
+def letterbox_geometry(width: int, height: int, out_w: int, out_h: int) -> tuple[int, int, int, int]:
+    """(resized width, resized height, left pad, top pad) for letterboxing a
+    width x height image into out_w x out_h, as Ultralytics' `LetterBox(center=True)`:
+    scale ``r = min(out_h / height, out_w / width)``, size ``round(width * r)`` x
+    ``round(height * r)``, centered; an odd leftover pixel goes right / bottom."""
+    r = min(out_h / height, out_w / width)
+    new_w = min(out_w, max(1, int(round(width * r))))
+    new_h = min(out_h, max(1, int(round(height * r))))
+    return new_w, new_h, (out_w - new_w) // 2, (out_h - new_h) // 2
+
+
+def letterbox_placement(width: int, height: int, out_w: int, out_h: int) -> Placement:
+    """The exact inverse of `letterbox`: the resize maps the original's [0, width] onto
+    [left, left + new_w], so the scale per axis is ``width / new_w`` (not 1 / r, which
+    differs by the rounding of the resized size)."""
+    new_w, new_h, left, top = letterbox_geometry(width, height, out_w, out_h)
+    return Placement(width / new_w, height / new_h, float(left), float(top))
+
+
+def letterbox(image: Image.Image, out_w: int, out_h: int) -> np.ndarray:
+    """Aspect-preserving resize into out_w x out_h, centered on gray (114) padding.
+
+    Returns uint8 [3, out_h, out_w]. The resize is OpenCV's ``INTER_LINEAR`` (bilinear,
+    half-pixel centers, no antialiasing), exactly what Ultralytics' LetterBox runs, so
+    an Ultralytics-trained model sees the pixels it was trained and validated on. The
+    geometry is `letterbox_geometry`; `letterbox_placement` inverts it."""
+    new_w, new_h, left, top = letterbox_geometry(image.width, image.height, out_w, out_h)
+    pixels = np.asarray(image, dtype=np.uint8)
+    if (new_w, new_h) != image.size:
+        pixels = cv2.resize(pixels, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    out = np.full((3, out_h, out_w), LETTERBOX_PAD, np.uint8)
+    out[:, top:top + new_h, left:left + new_w] = pixels.transpose(2, 0, 1)
+    return out
+
+
+def stretch_placement(width: int, height: int, out_w: int, out_h: int) -> Placement:
+    """The inverse of `resize_stretch`: a scale per axis, no offset."""
+    return Placement(width / out_w, height / out_h, 0.0, 0.0)
+
+
+def center_crop_placement(width: int, height: int, resize_size: int, crop_w: int, crop_h: int) -> Placement:
+    """The inverse of `resize_center_crop`: the crop starts at (left, top) of the image
+    resized to new_w x new_h, so the original's corner sits at (-left, -top)."""
+    new_w, new_h = resized_size_shorter_side(width, height, resize_size)
+    top = int(round((new_h - crop_h) / 2.0))
+    left = int(round((new_w - crop_w) / 2.0))
+    return Placement(width / new_w, height / new_h, float(-left), float(-top))
 
 
 def to_chw(image: Image.Image) -> np.ndarray:

@@ -25,7 +25,7 @@ from . import metrics
 from ._proto import vision_pb2, vision_pb2_grpc
 from .dataplane import DataPlane
 from .errors import ConvserveError, InvalidArgument, NotFound, ResourceExhausted, Unimplemented
-from .pipelines import classification
+from .pipelines import classification, detection
 from .pipelines.common import ImageInput
 from .settings import Settings
 from .auth import TokenStore
@@ -98,7 +98,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         async def wrapper(request_iterator, context):
             request_id = _request_id(context)
             async with _Call(self, method, "", 0, request_id, context) as call:
-                async for response in call.iterate(behavior(request_iterator, context)):
+                async for response in call.iterate(behavior(call.watch(request_iterator), context)):
                     yield response
         return wrapper
 
@@ -154,6 +154,21 @@ class _Call:
         async with self._mapped_errors():
             async for item in agen:
                 yield item
+
+    async def watch(self, requests):
+        """A stream's requests, each checked and counted as it arrives: the call was
+        admitted before any message named a model, so a model-scoped token is checked
+        against every message's model here; the first model names the call in metrics
+        and the log line, and images are summed over the stream."""
+        tokens = self.interceptor._tokens
+        async for request in requests:
+            model = getattr(request, "model", "")
+            if tokens is not None and model:
+                tokens.check(self.context.invocation_metadata(), model)
+            self.model = self.model or model
+            self.images += len(getattr(request, "images", ()))
+            metrics.REQUEST_BYTES.labels(self.method).observe(request.ByteSize())
+            yield request
 
     async def _abort(self, exc: ConvserveError):
         self.code, self.message = exc.code, exc.message
@@ -215,6 +230,30 @@ def _label(result) -> vision_pb2.Label:
     return vision_pb2.Label(index=result.index, name=result.name, score=result.score)
 
 
+def _detect_options(request) -> dict:
+    return {"score_threshold": _optional(request, "score_threshold"),
+            "iou_threshold": _optional(request, "iou_threshold"),
+            "max_detections": _optional(request, "max_detections"),
+            "class_ids": list(request.class_ids)}
+
+
+def detections_to_proto(result) -> list[vision_pb2.Detection]:
+    """`pipelines.detection.Detections` (or anything with boxes/scores/labels/names)
+    as Detection messages, best first."""
+    return [vision_pb2.Detection(
+                box=vision_pb2.Box(x_min=x1, y_min=y1, x_max=x2, y_max=y2),
+                label=vision_pb2.Label(index=label, name=name, score=score))
+            for (x1, y1, x2, y2), score, label, name in zip(
+                result.boxes.tolist(), result.scores.tolist(), result.labels.tolist(), result.names)]
+
+
+def _detect_response(answer) -> vision_pb2.DetectResponse:
+    return vision_pb2.DetectResponse(
+        model=answer.model, model_version=answer.version,
+        results=[vision_pb2.Detections(detections=detections_to_proto(r), image_width=r.width,
+                                       image_height=r.height) for r in answer.results])
+
+
 def model_info(status, spec) -> vision_pb2.ModelInfo:
     info = vision_pb2.ModelInfo(name=status.name, versions=list(status.versions), ready=status.ready)
     if spec is not None:
@@ -244,7 +283,26 @@ class VisionServicer(vision_pb2_grpc.VisionServicer):
             results=[vision_pb2.Classification(labels=[_label(l) for l in labels])
                      for labels in answer.results])
 
-    # Detect and DetectStream: pipelines/detection.py (not implemented yet).
+    async def Detect(self, request, context):
+        answer = await self.plane.run(
+            detection.TASK, request.model, request.model_version, images_from_proto(request.images),
+            _detect_options(request), context.time_remaining())
+        return _detect_response(answer)
+
+    async def DetectStream(self, request_iterator, context):
+        """Each request is one frame (or several images), answered in request order. An
+        error ends the stream; INVALID_ARGUMENT names the frame: ``frames[7].images[0]
+        .encoded`` is image 0 of the stream's eighth request (counting from 0)."""
+        frame = 0
+        async for request in request_iterator:
+            try:
+                answer = await self.plane.run(
+                    detection.TASK, request.model, request.model_version, images_from_proto(request.images),
+                    _detect_options(request), context.time_remaining())
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"frames[{frame}].{exc.field}", exc.description) from None
+            yield _detect_response(answer)
+            frame += 1
 
     async def ListModels(self, request, context):
         models = await self.plane.list_models()

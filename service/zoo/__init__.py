@@ -100,4 +100,4 @@ class NormalizedModel(nn.Module):
         return self.model(self.normalize(images))
 
 
-from . import classification, generation, segmentation  # noqa: E402,F401  (they register themselves)
+from . import classification, generation, segmentation, yolo  # noqa: E402,F401  (they register themselves)
