@@ -62,6 +62,8 @@ def make_brightbox(layout: str):
         def __init__(self, yolov5: bool):
             super().__init__()
             self.yolov5 = yolov5
+            self.score = BRIGHTBOX_SCORE
+            self.anchors = BRIGHTBOX_ANCHORS
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             n, _, h, w = x.shape
@@ -75,12 +77,12 @@ def make_brightbox(layout: str):
             x1 = torch.where(cols, xs, torch.full_like(xs, w)).min(1).values.float()
             x2 = torch.where(cols, xs, torch.full_like(xs, -1)).max(1).values.float() + 1
             box = torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], 1)   # [N, 4]
-            classes = torch.tensor([0.0, BRIGHTBOX_SCORE]).expand(n, 2)
+            classes = torch.tensor([0.0, self.score]).expand(n, 2)
             if self.yolov5:
                 first = torch.cat([box, torch.ones(n, 1), classes], 1).unsqueeze(1)   # [N, 1, 7]
-                return torch.cat([first, torch.zeros(n, BRIGHTBOX_ANCHORS - 1, 7)], 1)
+                return torch.cat([first, torch.zeros(n, self.anchors - 1, 7)], 1)
             first = torch.cat([box, classes], 1).unsqueeze(2)                         # [N, 6, 1]
-            return torch.cat([first, torch.zeros(n, 6, BRIGHTBOX_ANCHORS - 1)], 2)
+            return torch.cat([first, torch.zeros(n, 6, self.anchors - 1)], 2)
 
     return BrightBox(layout == "yolov5").eval()
 
