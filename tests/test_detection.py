@@ -238,3 +238,11 @@ def test_unknown_layout_is_refused():
     spec = make_spec().__class__(**{**make_spec().__dict__, "output_layout": "ssd"})
     with pytest.raises(InvalidArgument, match="ssd"):
         detection.decode({"predictions__0": np.zeros((1, 10, 50), np.float32)}, spec)
+
+
+def test_resize_mode_and_input_size_must_agree():
+    from service.errors import FailedPrecondition
+
+    fixed_none = make_spec(resize_mode="none")
+    with pytest.raises(FailedPrecondition, match="variable size"):
+        detection.preprocess(Decoded(Image.new("RGB", (20, 10))), fixed_none)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..boxes import clip_boxes, select_detections
-from ..errors import InvalidArgument
+from ..errors import FailedPrecondition, InvalidArgument
 from ..imaging import (IDENTITY, Decoded, Placement, center_crop_placement, letterbox, letterbox_placement,
                        resize_center_crop, resize_stretch, stretch_placement, to_chw)
 from ..spec import ModelSpec
@@ -151,6 +151,10 @@ def preprocess(decoded: Decoded, spec: ModelSpec) -> np.ndarray:
     """uint8 [3, H, W] as the spec's resize mode says."""
     image = decoded.image
     mode = spec.resize_mode
+    if (mode == "none") != (spec.input_width <= 0 or spec.input_height <= 0):
+        raise FailedPrecondition(f"model {spec.name!r} has resize mode {mode!r} but input size "
+                                 f"{spec.input_width}x{spec.input_height}: 'none' needs a variable size, "
+                                 "every other mode a fixed one")
     if mode == "letterbox":
         return letterbox(image, spec.input_width, spec.input_height)
     if mode == "stretch":
