@@ -1,6 +1,9 @@
 """Detection entries of the shared end-to-end stack (see conftest.py).
 
 - ``yolo``: the zoo's YOLOv8-n at 320 x 320 with seeded test weights (`make_yolo_checkpoint`).
+- ``yolo_from_file``: the same weights as a float-input ONNX file with Ultralytics'
+  export names (``images`` -> ``output0``, x / 255 expected), brought in with
+  ``export_from_file --task detection --layout yolov8``, as an Ultralytics export would be.
 - ``brightbox_letterbox`` / ``brightbox_stretch`` (TorchScript, yolov8 layout) and
   ``brightbox_v5`` (ONNX, yolov5 layout): `BrightBox` files brought in with
   ``export_from_file``; their one box is known in the model's input pixels, so where
@@ -87,6 +90,28 @@ def make_brightbox(layout: str):
     return BrightBox(layout == "yolov5").eval()
 
 
+def export_yolo_file(repo: Path, root: Path, checkpoint: Path) -> None:
+    """The test YOLO as Ultralytics' `yolo export format=onnx dynamic=True` lays it out:
+    float [N, 3, S, S] in [0, 1] named ``images``, [N, 84, A] named ``output0``."""
+    import torch
+
+    import service
+    from service import zoo
+    from service.exporter import export_from_file
+
+    model = zoo.get("yolo").build(80)
+    model.load_state_dict(torch.load(checkpoint, weights_only=True))
+    onnx_file = root / "yolo_ultralytics_layout.onnx"
+    sample = torch.rand(1, 3, YOLO_INPUT_SIZE, YOLO_INPUT_SIZE)
+    with torch.inference_mode():
+        torch.onnx.export(model.eval(), (sample,), str(onnx_file), input_names=["images"], output_names=["output0"],
+                          dynamic_axes={"images": {0: "batch"}, "output0": {0: "batch"}}, opset_version=17,
+                          dynamo=False)
+    labels = Path(service.__file__).parent / "data" / "coco80_classes.txt"
+    export_from_file(onnx_file, repo, task="detection", name="yolo_from_file", layout="yolov8",
+                     input_size=YOLO_INPUT_SIZE, labels_file=labels, max_batch_size=2)
+
+
 def export(repo: Path, root: Path, checkpoints: dict) -> None:
     import torch
 
@@ -94,6 +119,7 @@ def export(repo: Path, root: Path, checkpoints: dict) -> None:
 
     checkpoints["yolo"] = make_yolo_checkpoint(root / "yolo_test.pth")
     export_model("yolo", repo, weights=checkpoints["yolo"], input_size=YOLO_INPUT_SIZE, max_batch_size=4)
+    export_yolo_file(repo, root, checkpoints["yolo"])
 
     labels = root / "brightbox_labels.txt"
     labels.write_text("\n".join(BRIGHTBOX_LABELS) + "\n")

@@ -164,6 +164,21 @@ def test_yolo_defaults_and_class_filter(vision, yolo_reference):
     compare(result, expected, scale_boxes, image)
 
 
+@pytest.mark.parametrize("name", ["coffee.png", "motorcycle_left.png"])
+def test_ultralytics_layout_file_serves_like_the_zoo_entry(vision, yolo_reference, name):
+    """The same weights brought in as a float-input ONNX file (x / 255 done by the
+    gateway, ONNX Runtime) answer as the zoo's uint8 TorchScript entry."""
+    rows, _ = yolo_reference
+    image = photo(name)
+    threshold = threshold_between(rows(image), CANDIDATES_PER_PHOTO)
+    data = [vision_pb2.Image(encoded=encode(image, "PNG"))]
+    zoo_labels, zoo_scores, zoo_boxes = as_rows(detect(vision, "yolo", data, score_threshold=threshold).results[0])
+    labels, scores, boxes = as_rows(detect(vision, "yolo_from_file", data, score_threshold=threshold).results[0])
+    assert len(zoo_labels) >= MIN_DETECTIONS and labels == zoo_labels
+    np.testing.assert_allclose(scores, zoo_scores, atol=1e-4)
+    np.testing.assert_allclose(boxes, zoo_boxes, atol=0.05)
+
+
 def test_detect_errors(vision):
     data = [vision_pb2.Image(encoded=encode(photo("coffee.png"), "PNG"))]
     for fields, field in (({"class_ids": [80]}, "class_ids[0]"), ({"score_threshold": 1.5}, "score_threshold"),
