@@ -246,3 +246,21 @@ def test_resize_mode_and_input_size_must_agree():
     fixed_none = make_spec(resize_mode="none")
     with pytest.raises(FailedPrecondition, match="variable size"):
         detection.preprocess(Decoded(Image.new("RGB", (20, 10))), fixed_none)
+
+
+@pytest.mark.parametrize("layout", ["yolov8", "yolov5"])
+def test_decode_rows_point_at_the_models_anchors(layout):
+    rng = np.random.default_rng(7)
+    v5 = layout == "yolov5"
+    spec = make_spec(layout, anchors=300)
+    rows = random_rows(rng, 300, 256, 320, objectness=v5)
+    out = {"predictions__0": rows[None] if v5 else rows.T[None]}
+    boxes, scores, labels, anchors = detection.decode(out, spec, 0.5)
+    all_boxes, all_scores, all_labels, all_anchors = detection.decode(out, spec)
+    np.testing.assert_array_equal(all_anchors, np.arange(300))
+    np.testing.assert_array_equal(anchors, np.flatnonzero(all_scores > 0.5))
+    np.testing.assert_array_equal(boxes, all_boxes[anchors])
+    np.testing.assert_array_equal(labels, all_labels[anchors])
+    cls = rows[:, 5:] * rows[:, 4:5] if v5 else rows[:, 4:]
+    np.testing.assert_array_equal(all_labels, [int(np.argmax(r)) for r in cls])
+    assert 0 < len(anchors) < 300

@@ -170,35 +170,44 @@ def preprocess(decoded: Decoded, spec: ModelSpec) -> np.ndarray:
 # -------------------------------------------------------------------- decoding
 def xywh_to_xyxy(xywh: np.ndarray) -> np.ndarray:
     """[N, 4] (cx, cy, w, h) -> [N, 4] (x1, y1, x2, y2), float32."""
-    xywh = xywh.astype(np.float32, copy=False)
+    xywh = xywh.astype(np.float32, copy=False).reshape(-1, 4)
     half = xywh[:, 2:] / 2
     return np.concatenate([xywh[:, :2] - half, xywh[:, :2] + half], axis=1)
 
 
-def _best_class(class_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, the highest score and its class (the first on ties)."""
-    labels = class_scores.argmax(axis=1)
-    return np.take_along_axis(class_scores, labels[:, None], axis=1)[:, 0], labels.astype(np.int64)
+def _best_class(class_scores: np.ndarray, axis: int, score_threshold: float | None):
+    """The rows (along `axis` of [C, A] or [A, C] scores) whose best score is above the
+    threshold (all rows when None), with that score and its class (the first on ties).
+    The max is taken over every row; the slower argmax only over the rows kept."""
+    best = class_scores.max(axis=axis)
+    rows = np.flatnonzero(best > score_threshold) if score_threshold is not None else np.arange(len(best))
+    labels = np.take(class_scores, rows, axis=1 - axis).argmax(axis=axis)
+    return rows, best[rows].astype(np.float32, copy=False), labels.astype(np.int64)
 
 
-def decode(outputs: Tensors, spec: ModelSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One image's outputs (item axis first, one item) -> candidate boxes float32 [A, 4]
-    (x1, y1, x2, y2, input pixels), scores float32 [A], labels int64 [A]."""
+def decode(outputs: Tensors, spec: ModelSpec, score_threshold: float | None = None
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One image's outputs (item axis first, one item) -> its candidates: boxes float32
+    [K, 4] (x1, y1, x2, y2, input pixels), scores float32 [K], labels int64 [K], and
+    rows int64 [K], each candidate's row (anchor) in the model's output.
+
+    With `score_threshold`, only candidates scoring above it are decoded (step 2 done
+    early: a YOLO output has thousands of anchors and few candidates)."""
     layout = spec.output_layout
     if layout == "yolov8":
         pred = outputs[spec.outputs[0].name][0]       # [4 + C, A]
-        rows = pred.T                                  # [A, 4 + C], a view
-        scores, labels = _best_class(rows[:, 4:])
-        return xywh_to_xyxy(rows[:, :4]), scores.astype(np.float32, copy=False), labels
+        rows, scores, labels = _best_class(pred[4:], 0, score_threshold)
+        return xywh_to_xyxy(pred[:4, rows].T), scores, labels, rows
     if layout == "yolov5":
         pred = outputs[spec.outputs[0].name][0]       # [A, 5 + C]
-        scores, labels = _best_class(pred[:, 5:] * pred[:, 4:5])
-        return xywh_to_xyxy(pred[:, :4]), scores.astype(np.float32, copy=False), labels
+        rows, scores, labels = _best_class(pred[:, 5:] * pred[:, 4:5], 1, score_threshold)
+        return xywh_to_xyxy(pred[rows, :4]), scores, labels, rows
     if layout == "rcnn_candidates":
         count = int(outputs[RCNN_COUNT].reshape(-1)[0])
-        return (outputs[RCNN_BOXES][0, :count].astype(np.float32, copy=False),
-                outputs[RCNN_SCORES][0, :count].astype(np.float32, copy=False),
-                outputs[RCNN_LABELS][0, :count].astype(np.int64, copy=False))
+        scores = outputs[RCNN_SCORES][0, :count].astype(np.float32, copy=False)
+        rows = np.flatnonzero(scores > score_threshold) if score_threshold is not None else np.arange(count)
+        return (outputs[RCNN_BOXES][0, rows].astype(np.float32, copy=False), scores[rows],
+                outputs[RCNN_LABELS][0, rows].astype(np.int64, copy=False), rows)
     raise InvalidArgument("model", f"unknown detection output layout {layout!r} (known: {', '.join(LAYOUTS)})")
 
 
@@ -226,7 +235,7 @@ def label_names(spec: ModelSpec, labels: np.ndarray) -> tuple[str, ...]:
 
 
 def postprocess(outputs: Tensors, spec: ModelSpec, decoded: Decoded, options: DetectOptions) -> Detections:
-    boxes, scores, labels = decode(outputs, spec)
+    boxes, scores, labels, _ = decode(outputs, spec, options.score_threshold)
     kept = detect_candidates(boxes, scores, labels, options, placement(spec, decoded.width, decoded.height),
                              decoded.width, decoded.height)
     return Detections(kept.boxes, kept.scores, kept.labels, label_names(spec, kept.labels),
