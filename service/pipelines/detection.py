@@ -217,7 +217,8 @@ def detect_candidates(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
     """Steps 2-6 for one image's candidates (boxes [A, 4] in input pixels): threshold,
     class filter, NMS and top-N in input space (`boxes.select_detections`), then the
     kept boxes mapped to the original width x height image and clipped. Instance
-    segmentation calls this too, and pastes masks for ``indices`` only."""
+    segmentation calls this too, and pastes masks for the kept rows only: with `decode`'s
+    ``rows``, ``rows[kept.indices]`` are the model's output rows (``masks__0`` rows)."""
     keep = select_detections(boxes, scores, labels, score_threshold=options.score_threshold,
                              iou_threshold=options.iou_threshold, max_detections=options.max_detections,
                              class_ids=options.class_ids, class_agnostic=options.class_agnostic)
