@@ -38,6 +38,9 @@ SERVICE_NAME = vision_pb2.DESCRIPTOR.services_by_name["Vision"].full_name
 READINESS = ""          # grpc.health.v1 service name for readiness (follows Triton)
 LIVENESS = "liveness"   # SERVING while the gateway's event loop answers
 REQUEST_ID_KEY = "x-request-id"
+# DetectStream: frames in flight per stream, the one being answered included (bounds a
+# stream's memory and its share of the gateway).
+STREAM_WINDOW = 4
 
 
 # --------------------------------------------------------------------------- errors
@@ -230,6 +233,17 @@ def _label(result) -> vision_pb2.Label:
     return vision_pb2.Label(index=result.index, name=result.name, score=result.score)
 
 
+def _discard(task: asyncio.Future | None) -> None:
+    """Cancel a frame nobody will answer; a finished one's error is marked as seen."""
+    if task is None:
+        return
+    if task.done():
+        if not task.cancelled():
+            task.exception()
+    else:
+        task.cancel()
+
+
 def _detect_options(request) -> dict:
     return {"score_threshold": _optional(request, "score_threshold"),
             "iou_threshold": _optional(request, "iou_threshold"),
@@ -290,19 +304,54 @@ class VisionServicer(vision_pb2_grpc.VisionServicer):
         return _detect_response(answer)
 
     async def DetectStream(self, request_iterator, context):
-        """Each request is one frame (or several images), answered in request order. An
-        error ends the stream; INVALID_ARGUMENT names the frame: ``frames[7].images[0]
-        .encoded`` is image 0 of the stream's eighth request (counting from 0)."""
-        frame = 0
-        async for request in request_iterator:
+        """Each request is one frame (or several images), answered in request order.
+
+        Frames are pipelined: a reader task starts each frame as it arrives, so later
+        frames decode and infer while earlier ones are answered; at most `STREAM_WINDOW`
+        frames are in flight (a full window stops reading, so memory stays bounded).
+        Answers still leave in request order. An error ends the stream at its frame,
+        after the answers of the frames before it; INVALID_ARGUMENT names the frame:
+        ``frames[7].images[0].encoded`` is image 0 of the stream's eighth request
+        (counting from 0)."""
+        started: asyncio.Queue = asyncio.Queue()
+        slots = asyncio.Semaphore(STREAM_WINDOW)
+
+        async def read() -> None:
+            frame = 0
             try:
-                answer = await self.plane.run(
-                    detection.TASK, request.model, request.model_version, images_from_proto(request.images),
-                    _detect_options(request), context.time_remaining())
-            except InvalidArgument as exc:
-                raise InvalidArgument(f"frames[{frame}].{exc.field}", exc.description) from None
-            yield _detect_response(answer)
-            frame += 1
+                async for request in request_iterator:
+                    await slots.acquire()
+                    started.put_nowait(asyncio.ensure_future(self._detect_frame(request, frame, context)))
+                    frame += 1
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # e.g. a token not allowed for this frame's model
+                failed = asyncio.get_running_loop().create_future()
+                failed.set_exception(exc)
+                started.put_nowait(failed)
+                return
+            started.put_nowait(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (task := await started.get()) is not None:
+                try:
+                    yield await task
+                finally:
+                    slots.release()
+        finally:
+            reader.cancel()
+            while not started.empty():
+                _discard(started.get_nowait())
+
+    async def _detect_frame(self, request, frame: int, context) -> vision_pb2.DetectResponse:
+        try:
+            answer = await self.plane.run(
+                detection.TASK, request.model, request.model_version, images_from_proto(request.images),
+                _detect_options(request), context.time_remaining())
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"frames[{frame}].{exc.field}", exc.description) from None
+        return _detect_response(answer)
 
     async def ListModels(self, request, context):
         models = await self.plane.list_models()
