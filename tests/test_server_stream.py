@@ -137,3 +137,47 @@ def test_bad_frame_ends_the_stream_after_the_earlier_answers():
     got, code, details = asyncio.run(_serve_plane(_SlowFirstPlane(), body))
     assert got == ["0", "1"] and code == grpc.StatusCode.INVALID_ARGUMENT
     assert details.startswith("frames[2].images[0].encoded")
+
+
+class _StuckPlane:
+    """Frame 0 answers at once; the others would take a minute unless cancelled."""
+
+    def __init__(self):
+        self.running = 0
+        self.cancelled = 0
+
+    async def run(self, task, model, version, images, request, timeout_s):
+        from service.dataplane import Answer
+
+        if model == "0":
+            return Answer(model, "0", [])
+        self.running += 1
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        finally:
+            self.running -= 1
+        return Answer(model, model, [])
+
+
+def test_cancelled_stream_cancels_its_frames():
+    plane = _StuckPlane()
+
+    async def body(stub):
+        call = stub.DetectStream(iter([_frame(i) for i in range(8)]), timeout=30)
+        assert (await call.read()).model_version == "0"
+        for _ in range(100):  # let the window fill
+            if plane.running >= 2:
+                break
+            await asyncio.sleep(0.02)
+        call.cancel()
+        for _ in range(200):  # the server notices the cancellation asynchronously
+            if plane.running == 0:
+                break
+            await asyncio.sleep(0.02)
+        return plane.running, plane.cancelled
+
+    running, cancelled = asyncio.run(_serve_plane(plane, body))
+    assert running == 0 and cancelled >= 2
