@@ -209,12 +209,26 @@ def _frames():
                                      score_threshold=0.6) for n in names]
 
 
+def assert_same_answers(got, want):
+    """Equal detections up to float noise: pipelined frames may share a Triton batch
+    with each other, single calls run alone."""
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert (g.model, g.model_version, len(g.results)) == (w.model, w.model_version, len(w.results))
+        for gr, wr in zip(g.results, w.results):
+            assert (gr.image_width, gr.image_height) == (wr.image_width, wr.image_height)
+            g_labels, g_scores, g_boxes = as_rows(gr)
+            w_labels, w_scores, w_boxes = as_rows(wr)
+            assert g_labels == w_labels
+            np.testing.assert_allclose(g_scores, w_scores, atol=1e-5)
+            np.testing.assert_allclose(g_boxes, w_boxes, atol=1e-2)
+
+
 def test_stream_of_frames_equals_detect_calls_in_order(vision):
     frames = _frames()
     streamed = list(vision.DetectStream(iter(frames), timeout=300))
     single = [vision.Detect(frame, timeout=120) for frame in frames]
-    assert len(streamed) == len(frames)
-    assert streamed == single
+    assert_same_answers(streamed, single)
     # The frames differ, so equal answers at every index means request order.
     assert len({r.results[0].SerializeToString() for r in single}) >= 3
 
@@ -229,7 +243,7 @@ def test_stream_bad_frame_ends_it_naming_the_frame(vision):
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert _bad_field(info.value) == "frames[2].images[0].encoded"
     assert "frames[2].images[0].encoded" in info.value.details()
-    assert got == [vision.Detect(frame, timeout=120) for frame in frames[:2]]
+    assert_same_answers(got, [vision.Detect(frame, timeout=120) for frame in frames[:2]])
     # The server keeps serving.
     assert len(vision.Detect(frames[0], timeout=120).results) == 1
 
