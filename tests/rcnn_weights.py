@@ -32,8 +32,11 @@ CALIBRATION_PHOTOS = ("astronaut.png", "coffee.png")
 CALIBRATION_SIZE = 320
 CALIBRATION_PROPOSALS = 300  # per photo, for the logit statistics
 # The box classifier (see make_checkpoint), chosen by a grid search on the four test
-# photos: 50 to 250 candidates per photo, top scores under 0.9999 (no ties at 1.0).
-CLASS_SPREAD, BACKGROUND_WEIGHT, BACKGROUND_BIAS = 1.0, 3.0, 6.0
+# photos' features (astronaut, coffee, chelsea, motorcycle_left).
+CLASS_SPREAD, BACKGROUND_LOGIT = 4.5, 10.0
+# Per architecture: 50-300 candidates per photo (under Mask R-CNN's K = 300).
+BACKGROUND_BIAS = {"fasterrcnn_mobilenet_v3_large_fpn": 5.0, "fasterrcnn_resnet50_fpn": 6.0,
+                   "maskrcnn_resnet50_fpn": 6.0}
 MASK_LOGIT_SPREAD = 8.0  # std of the mask logits
 
 
@@ -74,19 +77,20 @@ def make_checkpoint(arch_name: str, path: Path, seed: int = 0) -> Path:
         heads = model.roi_heads
         box_features = heads.box_head(heads.box_roi_pool(features, proposals, batch.image_sizes))
         # The box classifier, rebuilt from the calibration features f (ReLU outputs,
-        # all sharing a mean direction u): background's row is BACKGROUND_WEIGHT * u plus
-        # bias BACKGROUND_BIAS; each class's row is its random row with the u component
-        # removed, scaled so that its logit's spread is CLASS_SPREAD * |f|. A proposal
-        # becomes a candidate where a class beats background by chance; both sides
-        # grow with |f|, which keeps the count per photo within a narrow range.
+        # all sharing a mean direction u): background's row is along u, scaled so that
+        # its logit averages BACKGROUND_LOGIT, plus bias BACKGROUND_BIAS; each class's row
+        # is its random row with the u component removed, scaled so that the class
+        # logits' spread is CLASS_SPREAD. A proposal becomes a candidate where a class
+        # beats background by chance; both sides grow with |f|, which keeps the count
+        # per photo within a narrow range.
         cls = heads.box_predictor.cls_score
         u = box_features.mean(0)
         u = u / u.norm()
         rows = cls.weight[1:] - (cls.weight[1:] @ u)[:, None] * u[None]
-        spread = ((box_features @ rows.T).std(0) / box_features.norm(dim=1).mean()).mean()
-        cls.weight.copy_(torch.cat([u[None] * BACKGROUND_WEIGHT, rows * (CLASS_SPREAD / spread)]))
+        background = u * (BACKGROUND_LOGIT / (box_features @ u).mean())
+        cls.weight.copy_(torch.cat([background[None], rows * (CLASS_SPREAD / (box_features @ rows.T).std())]))
         cls.bias.zero_()
-        cls.bias[0] = BACKGROUND_BIAS
+        cls.bias[0] = BACKGROUND_BIAS[arch_name]
         if heads.has_mask():
             rois = [p[:50] for p in proposals]
             mask_logits = heads.mask_predictor(heads.mask_head(heads.mask_roi_pool(features, rois,

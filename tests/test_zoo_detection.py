@@ -130,7 +130,8 @@ def test_batch_equals_single_images(exported):
         for i in range(2):
             alone = scripted(batch[i:i + 1])
             for t, a in zip(together, alone):
-                torch.testing.assert_close(t[i:i + 1], a, rtol=0, atol=1e-4)
+                # Batched convolutions round differently: ~1e-6 relative.
+                torch.testing.assert_close(t[i:i + 1], a, rtol=1e-5, atol=1e-4)
 
 
 def test_spec_carries_sizes_and_candidates(exported):
