@@ -122,7 +122,7 @@ def test_cyclegan_png_equals_eager(vision, cyclegan_reference):
 
 
 def test_exif_rotated_input_comes_back_upright(vision, cyclegan_reference):
-    upright = _small("rocket.jpg", 66)  # portrait
+    upright = _small("chelsea.png", 66).transpose(Image.ROTATE_90)  # portrait, 44x66
     assert upright.height > upright.width
     result = generate(vision, "cyclegan", [vision_pb2.Image(encoded=with_exif_orientation(upright, 6))]).results[0]
     assert (result.width, result.height) == upright.size
