@@ -267,6 +267,7 @@ class VisionServicer(vision_pb2_grpc.VisionServicer):
             generation.TASK, request.model, request.model_version, images_from_proto(request.images),
             {"output_format": request.output_format, "jpeg_quality": _optional(request, "jpeg_quality")},
             context.time_remaining())
+        generation.check_answer_size(answer.results, self.plane.settings.max_receive_message_bytes)
         return vision_pb2.GenerateResponse(
             model=answer.model, model_version=answer.version,
             results=[vision_pb2.GeneratedImage(image=r.image, mime_type=r.mime_type, width=r.width, height=r.height)

@@ -179,3 +179,12 @@ def test_wrong_output_shape_is_failed_precondition():
     with pytest.raises(FailedPrecondition, match="shape"):
         g.TASK.postprocess({"generated__0": np.zeros((1, 3, 8, 8), np.float32)}, s, Decoded(image),
                            g.resolve_options("", None))
+
+
+def test_answer_over_the_message_limit_is_resource_exhausted():
+    from service.errors import ResourceExhausted
+
+    results = [g.GeneratedImage(b"x" * 600, "image/png", 1, 1), g.GeneratedImage(b"x" * 500, "image/png", 1, 1)]
+    g.check_answer_size(results, 1100)
+    with pytest.raises(ResourceExhausted, match="1100 bytes.*output_format jpeg"):
+        g.check_answer_size(results, 1099)

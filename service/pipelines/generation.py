@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from ..errors import FailedPrecondition, InvalidArgument
+from ..errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from ..imaging import Decoded, resize_stretch, to_chw
 from ..spec import ModelSpec
 from .common import Task, Tensors
@@ -206,6 +206,15 @@ def encode(image: Image.Image, options: Options) -> bytes:
     else:
         image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buffer.getvalue()
+
+
+def check_answer_size(results: list[GeneratedImage], limit_bytes: int) -> None:
+    """Refuse an answer that gRPC could not send (over the gateway's message limit)
+    with a message that says what to do, instead of a transport error."""
+    total = sum(len(r.image) for r in results)
+    if total > limit_bytes:
+        raise ResourceExhausted(f"the generated images take {total} bytes, over the {limit_bytes}-byte message "
+                                "limit; send fewer or smaller images per request, or ask for output_format jpeg")
 
 
 # -------------------------------------------------------------------------- task
