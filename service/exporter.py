@@ -386,7 +386,6 @@ def _classification_outputs(outputs: list[tuple[str, np.ndarray]], labels: list[
 
 
 GENERATION_LAYOUTS = ("image_nchw_tanh", "image_nchw_01")
-GAN_MEAN = GAN_STD = (0.5, 0.5, 0.5)
 
 
 def _generation_outputs(outputs: list[tuple[str, np.ndarray]], labels: list[str], input_size: int,
@@ -402,7 +401,8 @@ def _generation_outputs(outputs: list[tuple[str, np.ndarray]], labels: list[str]
     if layout not in (None, *GENERATION_LAYOUTS):
         raise ExportError(f"--layout for generation is {' or '.join(GENERATION_LAYOUTS)}, got {layout!r}")
     return FileOutputs((TensorSpec(name, np.dtype(np.float32), (3, input_size, input_size)),),
-                       layout or GENERATION_LAYOUTS[0], "stretch", mean=GAN_MEAN, std=GAN_STD)
+                       layout or GENERATION_LAYOUTS[0], "stretch", mean=zoo.generation.GAN_MEAN,
+                       std=zoo.generation.GAN_STD)
 
 
 # --task -> how that task checks a file's outputs and describes them. Each task that
