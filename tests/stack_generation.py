@@ -2,6 +2,7 @@
 
 - `cyclegan`: from a checkpoint in the official `latest_net_G.pth` layout, including the
   stale InstanceNorm statistics that pre-0.4 official checkpoints carry;
+- `cyclegan_onnx`: the same weights exported to ONNX (variable height and width);
 - `pix2pix`: unet_256 from a batch-norm checkpoint (as facades_label2photo), 256x256;
 - `gen_file`: a small generator brought with `convserve export --from-file --task
   generation` (float input: the gateway normalizes to [-1, 1]).
@@ -73,6 +74,8 @@ def export(repo: Path, root: Path, checkpoints: dict) -> None:
     checkpoints["cyclegan"] = official_cyclegan_checkpoint(root / "cyclegan_latest_net_G.pth")
     # Parity is checked at 64x64 (--input-size): served sizes vary anyway.
     export_model("cyclegan", repo, weights=checkpoints["cyclegan"], input_size=64, max_batch_size=4)
+    # The same weights as ONNX with variable height and width, served by onnxruntime.
+    export_model("cyclegan", repo, fmt="onnx", weights=checkpoints["cyclegan"], input_size=32, max_batch_size=4)
     checkpoints["pix2pix"] = pix2pix_checkpoint(root / "pix2pix_latest_net_G.pth")
     export_model("pix2pix", repo, weights=checkpoints["pix2pix"], max_batch_size=2)
     checkpoints["gen_file"] = small_generator_file(root / "gen_file.pt")

@@ -121,6 +121,14 @@ def test_cyclegan_png_equals_eager(vision, cyclegan_reference):
         _check_png(result, cyclegan_reference(image))
 
 
+def test_onnx_entry_equals_eager(vision, cyclegan_reference):
+    images = [_small("rocket.jpg", 70), _small("chelsea.png", 50)]
+    response = generate(vision, "cyclegan_onnx", [vision_pb2.Image(encoded=encode(im, "PNG")) for im in images])
+    assert response.model == "cyclegan_onnx"
+    for image, result in zip(images, response.results):
+        _check_png(result, cyclegan_reference(image))
+
+
 def test_exif_rotated_input_comes_back_upright(vision, cyclegan_reference):
     upright = _small("chelsea.png", 66).transpose(Image.ROTATE_90)  # portrait, 44x66
     assert upright.height > upright.width
