@@ -304,7 +304,7 @@ def export_model(
         warnings.warn(f"{arch.name}: no --weights given; exporting seeded random weights (seed {seed}). "
                       "Its answers are meaningless until you export a trained checkpoint.", stacklevel=2)
     wrapped = arch.wrap(model.eval(), spec).eval()
-    # A variable-size input is checked at the architecture's nominal size.
+    # Variable-size models are checked at their nominal size (or --input-size).
     images = example_batch(spec, seed, size=arch.input_size if input_size is None else (input_size, input_size))
     with torch.inference_mode():
         expected = wrapped(images)
@@ -371,6 +371,10 @@ class FileOutputs:
     resize_mode: str
     resize_size: int = 0
     options: dict | None = None
+    # The task's default input normalization, when --mean/--std are not given (None:
+    # ImageNet's).
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
 
 
 def _classification_outputs(outputs: list[tuple[str, np.ndarray]], labels: list[str], input_size: int,
@@ -385,11 +389,34 @@ def _classification_outputs(outputs: list[tuple[str, np.ndarray]], labels: list[
                        "resize_center_crop", round(input_size * 256 / 224))
 
 
+GENERATION_LAYOUTS = ("image_nchw_tanh", "image_nchw_01")
+
+
+def _generation_outputs(outputs: list[tuple[str, np.ndarray]], labels: list[str], input_size: int,
+                        layout: str | None, source: str) -> FileOutputs:
+    """An image-to-image generator: one output [N, 3, S, S] at the input's size, in
+    [-1, 1] (image_nchw_tanh, the default) or [0, 1] (image_nchw_01). The gateway
+    stretches images to S x S and the output back to each image's size; by default it
+    feeds [-1, 1] (mean = std = 0.5), as pix2pix/CycleGAN were trained."""
+    name, out = outputs[0]
+    if out.shape != (2, 3, input_size, input_size):
+        raise ExportError(f"{source} outputs shape {list(out.shape)} for 2 images of {input_size}x{input_size}; "
+                          f"a generator needs [2, 3, {input_size}, {input_size}] (the input's size)")
+    if layout not in (None, *GENERATION_LAYOUTS):
+        raise ExportError(f"--layout for generation is {' or '.join(GENERATION_LAYOUTS)}, got {layout!r}")
+    return FileOutputs((TensorSpec(name, np.dtype(np.float32), (3, input_size, input_size)),),
+                       layout or GENERATION_LAYOUTS[0], "stretch", mean=zoo.generation.GAN_MEAN,
+                       std=zoo.generation.GAN_STD)
+
+
 # --task -> how that task checks a file's outputs and describes them. Each task that
 # accepts --from-file adds itself here.
 FILE_TASKS: dict[str, Callable[..., FileOutputs]] = {
     "classification": _classification_outputs,
+    "generation": _generation_outputs,
 }
+# Tasks whose models have no classes: --labels is optional for them.
+UNLABELLED_TASKS = ("generation",)
 
 
 def _run_file(source: Path, fmt: str, sample: np.ndarray) -> tuple[str, list[tuple[str, np.ndarray]]]:
@@ -422,10 +449,10 @@ def export_from_file(
     task: str,
     name: str,
     input_size: int,
-    labels_file: Path,
+    labels_file: Path | None,
     layout: str | None = None,
-    mean: tuple[float, float, float] = IMAGENET_MEAN,
-    std: tuple[float, float, float] = IMAGENET_STD,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
     resize_mode: str | None = None,
     version: int = 1,
     version_policy: str = "latest",
@@ -434,13 +461,16 @@ def export_from_file(
 ) -> ExportResult:
     """Put an already exported model (`model.pt` TorchScript or `model.onnx`) into the
     repository. It takes float32 [N, 3, S, S] RGB normalized with mean/std (the gateway
-    normalizes); the file must load, and its outputs must fit the task and `layout`."""
+    normalizes; mean/std default to the task's, ImageNet's for most); the file must
+    load, and its outputs must fit the task and `layout`."""
     source = Path(source)
     if task not in FILE_TASKS:
         raise ExportError(f"--from-file supports --task {', '.join(FILE_TASKS)}; got {task!r}")
     if not source.is_file():
         raise ExportError(f"model file {source} does not exist")
-    labels = read_labels_file(labels_file)
+    if labels_file is None and task not in UNLABELLED_TASKS:
+        raise ExportError(f"--from-file --task {task} needs --labels")
+    labels = read_labels_file(labels_file) if labels_file is not None else []
     fmt = {".pt": "torchscript", ".pth": "torchscript", ".torchscript": "torchscript",
            ".onnx": "onnx"}.get(source.suffix)
     if fmt is None:
@@ -454,7 +484,8 @@ def export_from_file(
         outputs=described.outputs, max_batch_size=max_batch_size,
         resize_mode=resize_mode or described.resize_mode,
         resize_size=described.resize_size if (resize_mode or described.resize_mode) == "resize_center_crop" else 0,
-        mean=tuple(mean), std=tuple(std), output_layout=described.output_layout, labels=tuple(labels),
+        mean=tuple(mean or described.mean or IMAGENET_MEAN), std=tuple(std or described.std or IMAGENET_STD),
+        output_layout=described.output_layout, labels=tuple(labels),
         options=dict(described.options or {}))
     path, _ = write_entry(repo, spec, fmt, version, lambda dest: (shutil.copyfile(source, dest), 0.0)[1],
                           version_policy=version_policy, max_queue_size=max_queue_size)

@@ -25,7 +25,7 @@ from . import metrics
 from ._proto import vision_pb2, vision_pb2_grpc
 from .dataplane import DataPlane
 from .errors import ConvserveError, InvalidArgument, NotFound, ResourceExhausted, Unimplemented
-from .pipelines import classification
+from .pipelines import classification, generation
 from .pipelines.common import ImageInput
 from .settings import Settings
 from .auth import TokenStore
@@ -262,7 +262,16 @@ class VisionServicer(vision_pb2_grpc.VisionServicer):
 
     # ----------------------------------------------------------------------------
 
-    # Generate: pipelines/generation.py (not implemented yet).
+    async def Generate(self, request, context):
+        answer = await self.plane.run(
+            generation.TASK, request.model, request.model_version, images_from_proto(request.images),
+            {"output_format": request.output_format, "jpeg_quality": _optional(request, "jpeg_quality")},
+            context.time_remaining())
+        generation.check_answer_size(answer.results, self.plane.settings.max_receive_message_bytes)
+        return vision_pb2.GenerateResponse(
+            model=answer.model, model_version=answer.version,
+            results=[vision_pb2.GeneratedImage(image=r.image, mime_type=r.mime_type, width=r.width, height=r.height)
+                     for r in answer.results])
 
 
 # --------------------------------------------------------------------------- server
