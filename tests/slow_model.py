@@ -39,12 +39,15 @@ def calibrate(seconds: float) -> int:
     return max(1, int(seconds / per_iteration))
 
 
-def export_slow_model(repo: Path, seconds: float = 0.5, name: str = "slow", max_queue_size: int = 1) -> Path:
+def export_slow_model(repo: Path, seconds: float = 0.5, name: str = "slow", max_queue_size: int = 1,
+                      max_batch_size: int = 1) -> Path:
+    """One forward pass takes about `seconds`, whatever the batch size (up to
+    `max_batch_size`, which Triton's dynamic batcher fills)."""
     spec = ModelSpec(
         name=name, task="classification", architecture="slow_test_model",
         inputs=(TensorSpec("images__0", np.dtype(np.uint8), (3, 32, 32)),),
         outputs=(TensorSpec("logits__0", np.dtype(np.float32), (2,)),),
-        max_batch_size=1, resize_mode="stretch", labels=("slow_a", "slow_b"))
+        max_batch_size=max_batch_size, resize_mode="stretch", labels=("slow_a", "slow_b"))
     scripted = torch.jit.script(Slow(calibrate(seconds)).eval())
     def save(path: Path) -> float:
         torch.jit.save(scripted, str(path))
