@@ -95,7 +95,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             images = len(getattr(request, "images", ()))
             metrics.REQUEST_BYTES.labels(method).observe(request.ByteSize())
             async with _Call(self, method, model, images, request_id, context) as call:
-                return await call.run(behavior(request, context))
+                # The handler's coroutine is made only once the call is admitted.
+                return await call.run(lambda: behavior(request, context))
         return wrapper
 
     def _wrap_stream(self, method, behavior):
@@ -152,9 +153,9 @@ class _Call:
             log.exception("unhandled error", extra={"request_id": self.request_id, "method": self.method})
             await self._abort(_INTERNAL)
 
-    async def run(self, awaitable):
+    async def run(self, make_awaitable):
         async with self._mapped_errors():
-            return await awaitable
+            return await make_awaitable()
 
     async def iterate(self, agen):
         async with self._mapped_errors():
