@@ -81,3 +81,14 @@ def test_image_over_the_byte_limit(vision):
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert info.value.details() == (
         f"images[2].encoded: {33 * MIB + 2} bytes is over the limit of {32 * MIB} bytes per image")
+
+
+@pytest.mark.parametrize("delta", [-1, 1])
+def test_raw_image_with_the_wrong_data_size(vision, delta):
+    good = vision_pb2.Image(encoded=encode(photo("chelsea.png", max_side=64), "PNG"))
+    raw = vision_pb2.Image(raw=vision_pb2.RawImage(data=bytes(4 * 5 * 3 + delta), height=4, width=5))
+    with pytest.raises(grpc.RpcError) as info:
+        vision.Classify(vision_pb2.ClassifyRequest(model="resnet18", images=[good, raw]), timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == (
+        f"images[1].raw: data has {60 + delta} bytes, expected height*width*3 = 4*5*3 = 60")
