@@ -86,3 +86,13 @@ def test_pixel_limit_setting_bounded_by_pillow():
     assert load_settings(max_image_pixels=PILLOW_MAX_PIXELS).max_image_pixels == PILLOW_MAX_PIXELS
     with pytest.raises(ValidationError):
         load_settings(max_image_pixels=PILLOW_MAX_PIXELS + 1)
+
+
+def test_image_byte_limit_read_from_the_environment(monkeypatch):
+    from pydantic import ValidationError
+
+    monkeypatch.setenv("CONVSERVE_MAX_IMAGE_BYTES", "2097152")
+    assert load_settings().max_image_bytes == 2 * MIB
+    monkeypatch.setenv("CONVSERVE_MAX_IMAGE_BYTES", "0")
+    with pytest.raises(ValidationError):
+        load_settings()
