@@ -39,7 +39,9 @@ sys.path.insert(0, str(ROOT))
 from service._proto import vision_pb2, vision_pb2_grpc  # noqa: E402
 
 EXPECTED = {"OK", "INVALID_ARGUMENT", "CANCELLED", "DEADLINE_EXCEEDED"}
-MALFORMED_RATE = CANCEL_RATE = TINY_DEADLINE_RATE = 0.01
+# Share of calls with a malformed image; the same share is cancelled, and the same
+# share gets a tiny deadline (--event-rate changes all three).
+EVENT_RATE = 0.01
 TINY_DEADLINE_S = 0.001
 CALL_TIMEOUT_S = 60.0
 SAMPLE_EVERY_S = 5.0
@@ -138,7 +140,8 @@ async def wait_serving(address: str, timeout_s: float, process: subprocess.Popen
 
 
 # ---------------------------------------------------------------------- the load
-async def soak(address: str, pid: int | None, model: str, seconds: float, concurrency: int, seed: int) -> dict:
+async def soak(address: str, pid: int | None, model: str, seconds: float, concurrency: int, seed: int,
+               rate: float = EVENT_RATE) -> dict:
     rng = random.Random(seed)
     valid = photos()
     codes: Counter = Counter()
@@ -154,10 +157,10 @@ async def soak(address: str, pid: int | None, model: str, seconds: float, concur
     async def one(stub) -> None:
         roll = rng.random()
         try:
-            if roll < MALFORMED_RATE:
+            if roll < rate:
                 kinds["malformed"] += 1
                 await stub.Classify(request(malformed(rng, valid)), timeout=CALL_TIMEOUT_S)
-            elif roll < MALFORMED_RATE + CANCEL_RATE:
+            elif roll < 2 * rate:
                 kinds["cancelled"] += 1
                 call = stub.Classify(request(rng.choice(valid)), timeout=CALL_TIMEOUT_S)
                 await asyncio.sleep(rng.uniform(0, 0.02))
@@ -167,7 +170,7 @@ async def soak(address: str, pid: int | None, model: str, seconds: float, concur
                 except asyncio.CancelledError:
                     codes["CANCELLED"] += 1
                     return
-            elif roll < MALFORMED_RATE + CANCEL_RATE + TINY_DEADLINE_RATE:
+            elif roll < 3 * rate:
                 kinds["tiny_deadline"] += 1
                 await stub.Classify(request(rng.choice(valid)), timeout=TINY_DEADLINE_S)
             else:
@@ -233,6 +236,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--event-rate", type=float, default=EVENT_RATE,
+                        help="share of malformed, of cancelled and of tiny-deadline calls (each)")
     parser.add_argument("--max-rss-growth-mb", type=float, default=50.0)
     parser.add_argument("--max-fd-growth", type=int, default=20)
     args = parser.parse_args(argv)
@@ -246,7 +251,8 @@ def main(argv=None) -> int:
         asyncio.run(wait_serving(address, 600, serve))
         print(f"soak: {args.seconds:.0f} s against {address} (pid {pid}), model {args.model}, "
               f"{args.concurrency} concurrent clients", flush=True)
-        result = asyncio.run(soak(address, pid, args.model, args.seconds, args.concurrency, args.seed))
+        result = asyncio.run(soak(address, pid, args.model, args.seconds, args.concurrency, args.seed,
+                                  args.event_rate))
     finally:
         if serve is not None:
             serve.send_signal(signal.SIGTERM)
