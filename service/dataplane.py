@@ -62,6 +62,12 @@ class DataPlane:
         limit = self.settings.max_images_per_request
         if len(images) > limit:
             raise InvalidArgument("images", f"{len(images)} images is over the limit of {limit} per request")
+        # Before any model lookup or decoding: an oversized image costs nothing more.
+        max_bytes = self.settings.max_image_bytes
+        for i, image in enumerate(images):
+            if image.encoded is not None and len(image.encoded) > max_bytes:
+                raise InvalidArgument(f"images[{i}].encoded",
+                                      f"{len(image.encoded)} bytes is over the limit of {max_bytes} bytes per image")
 
     async def _in_pool(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)

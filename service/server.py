@@ -24,7 +24,7 @@ from grpc_status import rpc_status
 from . import metrics
 from ._proto import vision_pb2, vision_pb2_grpc
 from .dataplane import DataPlane
-from .errors import ConvserveError, InvalidArgument, NotFound, ResourceExhausted, Unimplemented
+from .errors import ConvserveError, InvalidArgument, NotFound, ResourceExhausted, Unavailable, Unimplemented
 from .pipelines import classification, generation
 from .pipelines.common import ImageInput
 from .settings import Settings
@@ -38,6 +38,8 @@ SERVICE_NAME = vision_pb2.DESCRIPTOR.services_by_name["Vision"].full_name
 READINESS = ""          # grpc.health.v1 service name for readiness (follows Triton)
 LIVENESS = "liveness"   # SERVING while the gateway's event loop answers
 REQUEST_ID_KEY = "x-request-id"
+# How often a draining gateway checks whether its calls in flight have finished.
+DRAIN_POLL_S = 0.05
 
 
 # --------------------------------------------------------------------------- errors
@@ -63,6 +65,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         self._max_in_flight = max_in_flight
         self._tokens = tokens
         self.in_flight = 0
+        # Set by Gateway.stop: new calls are refused while the ones in flight finish.
+        self.draining = False
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -91,7 +95,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             images = len(getattr(request, "images", ()))
             metrics.REQUEST_BYTES.labels(method).observe(request.ByteSize())
             async with _Call(self, method, model, images, request_id, context) as call:
-                return await call.run(behavior(request, context))
+                # The handler's coroutine is made only once the call is admitted.
+                return await call.run(lambda: behavior(request, context))
         return wrapper
 
     def _wrap_stream(self, method, behavior):
@@ -119,7 +124,9 @@ class _Call:
         return self
 
     def _admit(self) -> None:
-        """Authentication first, then the in-flight bound."""
+        """Refused while draining; then authentication, then the in-flight bound."""
+        if self.interceptor.draining:
+            raise Unavailable("the gateway is shutting down; retry on another replica")
         tokens = self.interceptor._tokens
         if tokens is not None:
             tokens.check(self.context.invocation_metadata(), self.model)
@@ -146,9 +153,9 @@ class _Call:
             log.exception("unhandled error", extra={"request_id": self.request_id, "method": self.method})
             await self._abort(_INTERNAL)
 
-    async def run(self, awaitable):
+    async def run(self, make_awaitable):
         async with self._mapped_errors():
-            return await awaitable
+            return await make_awaitable()
 
     async def iterate(self, agen):
         async with self._mapped_errors():
@@ -291,12 +298,10 @@ class Gateway:
         self.triton = TritonModels(settings.triton_url)
         self.plane = DataPlane(settings, self.triton)
         self.health = HealthServicer()
-        self.server = grpc.aio.server(
-            interceptors=[ErrorInterceptor(
-                self.triton, settings.max_in_flight,
-                TokenStore(settings.auth_tokens_file) if settings.auth_tokens_file else None)],
-            options=self._server_options(settings),
-        )
+        self.interceptor = ErrorInterceptor(
+            self.triton, settings.max_in_flight,
+            TokenStore(settings.auth_tokens_file) if settings.auth_tokens_file else None)
+        self.server = grpc.aio.server(interceptors=[self.interceptor], options=self._server_options(settings))
         vision_pb2_grpc.add_VisionServicer_to_server(VisionServicer(self.plane), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if settings.reflection:
@@ -362,13 +367,25 @@ class Gateway:
                 log.exception("triton readiness poll failed")
 
     async def stop(self, grace: float | None = None) -> None:
-        """Turn NOT_SERVING, stop taking calls and let the ones in flight finish."""
+        """Drain, then stop: turn NOT_SERVING, refuse new calls with UNAVAILABLE, let
+        the calls in flight finish (for at most `grace` seconds), then close the server.
+
+        The server keeps listening while it drains, so health checks see NOT_SERVING
+        (not a closed port) and clients get a clear UNAVAILABLE to retry elsewhere.
+        Calls still running when the grace time is over are cancelled."""
         self._draining = True
+        self.interceptor.draining = True
         grace = self.settings.drain_grace_s if grace is None else grace
         await self._set_health(READINESS, False)
         await self._set_health(SERVICE_NAME, False)
-        log.info("gateway draining", extra={"grace_s": grace})
-        await self.server.stop(grace)
+        in_flight = self.interceptor.in_flight
+        log.info("gateway draining", extra={"grace_s": grace, "in_flight": in_flight})
+        deadline = time.monotonic() + grace
+        while self.interceptor.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        log.info("gateway drained", extra={"in_flight": self.interceptor.in_flight,
+                                           "drain_s": round(grace - max(deadline - time.monotonic(), 0), 3)})
+        await self.server.stop(max(deadline - time.monotonic(), 0))
         if self._watch:
             self._watch.cancel()
         self.plane.close()
