@@ -31,10 +31,10 @@ test: install
 # Bounded headless Locust run against `convserve serve` on loopback (free ports, the
 # model_repository/ that `make serve` uses), or against TARGET=host:port when given.
 # Reports go to loadtests/results/; fails on any failed request or p99 > SLO_P99_MS.
-USERS ?= 8
+USERS ?= 4
 SPAWN_RATE ?= 4
 DURATION ?= 60s
-SLO_P99_MS ?= 1000
+SLO_P99_MS ?= 2000
 TARGET ?=
 loadtest: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python loadtests/run.py --users $(USERS) --spawn-rate $(SPAWN_RATE) \

@@ -114,10 +114,10 @@ def verdict(stats_csv: Path, slo_p99_ms: float) -> list[str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--users", type=int, default=8)
+    parser.add_argument("--users", type=int, default=4)
     parser.add_argument("--spawn-rate", type=float, default=4)
     parser.add_argument("--duration", default="60s", help="Locust run time, e.g. 30s, 2m")
-    parser.add_argument("--slo-p99-ms", type=float, default=1000.0, help="0: no latency check")
+    parser.add_argument("--slo-p99-ms", type=float, default=2000.0, help="0: no latency check")
     parser.add_argument("--target", default="", help="a running gateway host:port (else start convserve serve)")
     parser.add_argument("--repo", type=Path, default=ROOT / "model_repository")
     parser.add_argument("--results", type=Path, default=ROOT / "loadtests" / "results")
