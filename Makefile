@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.convserve-installed
 PYTEST_ARGS ?=
 
-.PHONY: install serve test observe soak fuzz clean
+.PHONY: install serve test loadtest observe soak fuzz clean
 
 # One virtual environment for everything: the embedded Triton's python backend stub
 # runs the environment first on PATH, so torch, onnxruntime and this package live here.
@@ -27,6 +27,18 @@ serve: install
 
 test: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Bounded headless Locust run against `convserve serve` on loopback (free ports, the
+# model_repository/ that `make serve` uses), or against TARGET=host:port when given.
+# Reports go to loadtests/results/; fails on any failed request or p99 > SLO_P99_MS.
+USERS ?= 4
+SPAWN_RATE ?= 4
+DURATION ?= 60s
+SLO_P99_MS ?= 2000
+TARGET ?=
+loadtest: install
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python loadtests/run.py --users $(USERS) --spawn-rate $(SPAWN_RATE) \
+		--duration $(DURATION) --slo-p99-ms $(SLO_P99_MS) $(if $(TARGET),--target $(TARGET))
 
 # A real Prometheus on 127.0.0.1:9090 scraping a running `make serve` (gateway :9464, Triton :8002).
 observe:

@@ -111,8 +111,9 @@ class DataPlane:
         calls, plan = [], []  # plan: (group's image indices, item counts, first call, n calls)
         for members in groups.values():
             counts = [len(next(iter(per_image[i].values()))) for i in members]
-            joined = {name: np.concatenate([per_image[i][name] for i in members])
-                      for name in per_image[members[0]]}
+            # A group of one image (the common request) is sent as it is, without a copy.
+            joined = per_image[members[0]] if len(members) == 1 else {
+                name: np.concatenate([per_image[i][name] for i in members]) for name in per_image[members[0]]}
             joined = self._model_inputs(spec, joined)
             total = sum(counts)
             step = spec.max_batch_size if spec.max_batch_size > 0 else total
