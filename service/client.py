@@ -90,10 +90,42 @@ def detect(stub, args, images) -> int:
     return 0
 
 
+def _generated_paths(out: Path, count: int) -> list[Path]:
+    """`out` for one image; `out` with -0, -1, ... before the suffix for several."""
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
+
+
+def generate(stub, args, images) -> int:
+    """Writes the generated image(s) to --out: JPEG when its suffix is .jpg/.jpeg, else PNG."""
+    jpeg = args.out is not None and args.out.suffix.lower() in (".jpg", ".jpeg")
+    request = vision_pb2.GenerateRequest(model=args.model, images=images, model_version=args.model_version,
+                                         output_format="jpeg" if jpeg else "png")
+    response = stub.Generate(request, timeout=args.timeout)
+    paths = _generated_paths(args.out, len(response.results)) if args.out else [None] * len(response.results)
+    rows = []
+    for source, result, path in zip(args.images, response.results, paths):
+        if path is not None:
+            path.write_bytes(result.image)
+        rows.append({"image": str(source), "width": result.width, "height": result.height,
+                     "mime_type": result.mime_type, "bytes": len(result.image),
+                     **({"out": str(path)} if path is not None else {})})
+    if args.json:
+        _print_json(response, rows)
+    else:
+        for row in rows:
+            where = f" -> wrote {row['out']}" if "out" in row else " (give --out to write it)"
+            print(f"{row['image']}  ({response.model} v{response.model_version}): "
+                  f"{row['width']}x{row['height']} {row['mime_type']}, {row['bytes']} bytes{where}")
+    return 0
+
+
 # Model task (ModelInfo.task) -> the function that calls its method.
 TASKS = {
     "classification": classify,
     "detection": detect,
+    "generation": generate,
 }
 
 

@@ -101,10 +101,13 @@ def apply_state_dict(model: torch.nn.Module, state: dict, arch: zoo.Architecture
 
 
 def checkpoint_num_classes(state: dict, arch: zoo.Architecture) -> int | None:
-    """The class count a classifier checkpoint was trained for (its last layer's rows)."""
-    model = arch.build(arch.num_classes)
-    last = [name for name, _ in model.named_parameters() if name.endswith(".weight")][-1]
-    tensor = state.get(last)
+    """The class count a checkpoint was trained for: the rows of the architecture's
+    `classes_key` (default: its last weight, a classifier's last layer)."""
+    key = arch.classes_key
+    if key is None:
+        model = arch.build(arch.num_classes)
+        key = [name for name, _ in model.named_parameters() if name.endswith(".weight")][-1]
+    tensor = state.get(key)
     return int(tensor.shape[0]) if tensor is not None else None
 
 
@@ -258,7 +261,7 @@ def build_spec(arch: zoo.Architecture, name: str, labels: list[str], max_batch_s
         outputs=outputs,
         max_batch_size=max_batch_size, resize_mode=arch.resize_mode, resize_size=resize_size,
         mean=arch.mean, std=arch.std, output_layout=arch.output_layout, labels=tuple(labels),
-        options=dict(arch.options),
+        options={**arch.options, **(arch.sized_options(height, width) if arch.sized_options else {})},
     )
 
 
@@ -288,7 +291,8 @@ def export_model(
         raise ExportError(f"format must be one of {', '.join(NAME_SUFFIX)}, got {fmt!r}")
     name = name or default_name(arch.name, fmt)
     state = load_state_dict(weights) if weights is not None else None
-    ckpt_classes = checkpoint_num_classes(state, arch) if state is not None and arch.task == "classification" else None
+    ckpt_classes = (checkpoint_num_classes(state, arch)
+                    if state is not None and (arch.task == "classification" or arch.classes_key) else None)
     labels = resolve_labels(arch.labels_resource, arch.num_classes, labels_file, num_classes, ckpt_classes)
     spec = build_spec(arch, name, labels, max_batch_size, input_size)
 
@@ -300,8 +304,8 @@ def export_model(
         warnings.warn(f"{arch.name}: no --weights given; exporting seeded random weights (seed {seed}). "
                       "Its answers are meaningless until you export a trained checkpoint.", stacklevel=2)
     wrapped = arch.wrap(model.eval(), spec).eval()
-    images = example_batch(spec, seed, size=(spec.input_height, spec.input_width) if input_size is None
-                           else (input_size, input_size))
+    # Variable-size models are checked at their nominal size (or --input-size).
+    images = example_batch(spec, seed, size=arch.input_size if input_size is None else (input_size, input_size))
     with torch.inference_mode():
         expected = wrapped(images)
 
@@ -367,7 +371,8 @@ class FileOutputs:
     resize_mode: str
     resize_size: int = 0
     options: dict | None = None
-    # The task's default input normalization (None: ImageNet's); --mean/--std override.
+    # The task's default input normalization, when --mean/--std are not given (None:
+    # ImageNet's).
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
 
@@ -410,12 +415,35 @@ def _detection_outputs(outputs: list[tuple[str, np.ndarray]], labels: list[str],
                        options=dict(DETECTION_FILE_OPTIONS), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
 
+GENERATION_LAYOUTS = ("image_nchw_tanh", "image_nchw_01")
+
+
+def _generation_outputs(outputs: list[tuple[str, np.ndarray]], labels: list[str], input_size: int,
+                        layout: str | None, source: str) -> FileOutputs:
+    """An image-to-image generator: one output [N, 3, S, S] at the input's size, in
+    [-1, 1] (image_nchw_tanh, the default) or [0, 1] (image_nchw_01). The gateway
+    stretches images to S x S and the output back to each image's size; by default it
+    feeds [-1, 1] (mean = std = 0.5), as pix2pix/CycleGAN were trained."""
+    name, out = outputs[0]
+    if out.shape != (2, 3, input_size, input_size):
+        raise ExportError(f"{source} outputs shape {list(out.shape)} for 2 images of {input_size}x{input_size}; "
+                          f"a generator needs [2, 3, {input_size}, {input_size}] (the input's size)")
+    if layout not in (None, *GENERATION_LAYOUTS):
+        raise ExportError(f"--layout for generation is {' or '.join(GENERATION_LAYOUTS)}, got {layout!r}")
+    return FileOutputs((TensorSpec(name, np.dtype(np.float32), (3, input_size, input_size)),),
+                       layout or GENERATION_LAYOUTS[0], "stretch", mean=zoo.generation.GAN_MEAN,
+                       std=zoo.generation.GAN_STD)
+
+
 # --task -> how that task checks a file's outputs and describes them. Each task that
 # accepts --from-file adds itself here.
 FILE_TASKS: dict[str, Callable[..., FileOutputs]] = {
     "classification": _classification_outputs,
     "detection": _detection_outputs,
+    "generation": _generation_outputs,
 }
+# Tasks whose models have no classes: --labels is optional for them.
+UNLABELLED_TASKS = ("generation",)
 
 
 def _run_file(source: Path, fmt: str, sample: np.ndarray) -> tuple[str, list[tuple[str, np.ndarray]]]:
@@ -448,7 +476,7 @@ def export_from_file(
     task: str,
     name: str,
     input_size: int,
-    labels_file: Path,
+    labels_file: Path | None,
     layout: str | None = None,
     mean: tuple[float, float, float] | None = None,
     std: tuple[float, float, float] | None = None,
@@ -460,14 +488,16 @@ def export_from_file(
 ) -> ExportResult:
     """Put an already exported model (`model.pt` TorchScript or `model.onnx`) into the
     repository. It takes float32 [N, 3, S, S] RGB normalized with mean/std (the gateway
-    normalizes; unset, the task's default: ImageNet's, or x / 255 for detection); the
-    file must load, and its outputs must fit the task and `layout`."""
+    normalizes; mean/std default to the task's, ImageNet's for most); the file must
+    load, and its outputs must fit the task and `layout`."""
     source = Path(source)
     if task not in FILE_TASKS:
         raise ExportError(f"--from-file supports --task {', '.join(FILE_TASKS)}; got {task!r}")
     if not source.is_file():
         raise ExportError(f"model file {source} does not exist")
-    labels = read_labels_file(labels_file)
+    if labels_file is None and task not in UNLABELLED_TASKS:
+        raise ExportError(f"--from-file --task {task} needs --labels")
+    labels = read_labels_file(labels_file) if labels_file is not None else []
     fmt = {".pt": "torchscript", ".pth": "torchscript", ".torchscript": "torchscript",
            ".onnx": "onnx"}.get(source.suffix)
     if fmt is None:

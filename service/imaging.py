@@ -17,12 +17,20 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
-from .errors import InvalidArgument
+from .errors import Internal, InvalidArgument
 
 # Only these decoders are ever used: a smaller attack surface than Pillow's full set.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
+# Our pixel limit (checked right after the header is read) replaces Pillow's warning
+# tier, which would otherwise only print. Pillow's error tier (2 x MAX_IMAGE_PIXELS,
+# ~179 MP) stays as a backstop; it fires inside Image.open, even before WebP's decoder
+# allocates its canvas. A filter, not warnings.catch_warnings: decoding runs in a
+# thread pool, and catch_warnings swaps the process-wide filters without a lock.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# The largest `max_image_pixels` setting that means anything: Pillow refuses more.
+PILLOW_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 
 
 @dataclass(frozen=True)
@@ -45,30 +53,37 @@ def decode_encoded(data: bytes, field: str, max_pixels: int) -> Decoded:
 
     The pixel count is checked from the header, before any pixel is decoded. EXIF
     orientation is applied; alpha is dropped and grayscale/palette become RGB (as
-    `Image.convert("RGB")` does in torchvision's loaders).
+    `Image.convert("RGB")` does in torchvision's loaders). Truncated or corrupt files
+    raise InvalidArgument: a partly decoded image is never returned.
+
+    The encoded size is bounded before this is called (DataPlane.check_images).
     """
     if not data:
         raise InvalidArgument(field, "empty image")
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        # A process-wide Pillow switch that pads truncated images with grey instead
+        # of failing. Fail closed: a server misconfiguration, never a partial inference.
+        raise Internal("image decoding is misconfigured (PIL.ImageFile.LOAD_TRUNCATED_IMAGES is on)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-            width, height = image.size
-            if width <= 0 or height <= 0:
-                raise InvalidArgument(field, f"image has no pixels ({width}x{height})")
-            if width * height > max_pixels:
-                raise InvalidArgument(
-                    field, f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            if image.mode != "RGB":
-                image = image.convert("RGB")
+        image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        width, height = image.size
+        if width <= 0 or height <= 0:
+            raise InvalidArgument(field, f"image has no pixels ({width}x{height})")
+        if width * height > max_pixels:
+            raise InvalidArgument(
+                field, f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        if image.mode != "RGB":
+            image = image.convert("RGB")
     except InvalidArgument:
         raise
     except Image.UnidentifiedImageError:
         raise InvalidArgument(field, f"not a decodable image (allowed: {', '.join(ALLOWED_FORMATS)})") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning, EOFError) as exc:
+    except Image.DecompressionBombError as exc:
+        # Pillow's own backstop, raised from the header for sizes far past any limit.
+        raise InvalidArgument(field, f"image is over the limit of {max_pixels} pixels: {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InvalidArgument(field, f"corrupt or truncated image: {exc}") from None
     return Decoded(image)
 

@@ -24,8 +24,8 @@ from grpc_status import rpc_status
 from . import metrics
 from ._proto import vision_pb2, vision_pb2_grpc
 from .dataplane import DataPlane
-from .errors import ConvserveError, InvalidArgument, NotFound, ResourceExhausted, Unimplemented
-from .pipelines import classification, detection
+from .errors import ConvserveError, InvalidArgument, NotFound, ResourceExhausted, Unavailable, Unimplemented
+from .pipelines import classification, detection, generation
 from .pipelines.common import ImageInput
 from .settings import Settings
 from .auth import TokenStore
@@ -41,6 +41,8 @@ REQUEST_ID_KEY = "x-request-id"
 # DetectStream: frames in flight per stream, the one being answered included (bounds a
 # stream's memory and its share of the gateway).
 STREAM_WINDOW = 4
+# How often a draining gateway checks whether its calls in flight have finished.
+DRAIN_POLL_S = 0.05
 
 
 # --------------------------------------------------------------------------- errors
@@ -66,6 +68,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         self._max_in_flight = max_in_flight
         self._tokens = tokens
         self.in_flight = 0
+        # Set by Gateway.stop: new calls are refused while the ones in flight finish.
+        self.draining = False
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -94,7 +98,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             images = len(getattr(request, "images", ()))
             metrics.REQUEST_BYTES.labels(method).observe(request.ByteSize())
             async with _Call(self, method, model, images, request_id, context) as call:
-                return await call.run(behavior(request, context))
+                # The handler's coroutine is made only once the call is admitted.
+                return await call.run(lambda: behavior(request, context))
         return wrapper
 
     def _wrap_stream(self, method, behavior):
@@ -122,7 +127,9 @@ class _Call:
         return self
 
     def _admit(self) -> None:
-        """Authentication first, then the in-flight bound."""
+        """Refused while draining; then authentication, then the in-flight bound."""
+        if self.interceptor.draining:
+            raise Unavailable("the gateway is shutting down; retry on another replica")
         tokens = self.interceptor._tokens
         if tokens is not None:
             tokens.check(self.context.invocation_metadata(), self.model)
@@ -149,9 +156,9 @@ class _Call:
             log.exception("unhandled error", extra={"request_id": self.request_id, "method": self.method})
             await self._abort(_INTERNAL)
 
-    async def run(self, awaitable):
+    async def run(self, make_awaitable):
         async with self._mapped_errors():
-            return await awaitable
+            return await make_awaitable()
 
     async def iterate(self, agen):
         async with self._mapped_errors():
@@ -369,7 +376,16 @@ class VisionServicer(vision_pb2_grpc.VisionServicer):
 
     # ----------------------------------------------------------------------------
 
-    # Generate: pipelines/generation.py (not implemented yet).
+    async def Generate(self, request, context):
+        answer = await self.plane.run(
+            generation.TASK, request.model, request.model_version, images_from_proto(request.images),
+            {"output_format": request.output_format, "jpeg_quality": _optional(request, "jpeg_quality")},
+            context.time_remaining())
+        generation.check_answer_size(answer.results, self.plane.settings.max_receive_message_bytes)
+        return vision_pb2.GenerateResponse(
+            model=answer.model, model_version=answer.version,
+            results=[vision_pb2.GeneratedImage(image=r.image, mime_type=r.mime_type, width=r.width, height=r.height)
+                     for r in answer.results])
 
 
 # --------------------------------------------------------------------------- server
@@ -389,12 +405,10 @@ class Gateway:
         self.triton = TritonModels(settings.triton_url)
         self.plane = DataPlane(settings, self.triton)
         self.health = HealthServicer()
-        self.server = grpc.aio.server(
-            interceptors=[ErrorInterceptor(
-                self.triton, settings.max_in_flight,
-                TokenStore(settings.auth_tokens_file) if settings.auth_tokens_file else None)],
-            options=self._server_options(settings),
-        )
+        self.interceptor = ErrorInterceptor(
+            self.triton, settings.max_in_flight,
+            TokenStore(settings.auth_tokens_file) if settings.auth_tokens_file else None)
+        self.server = grpc.aio.server(interceptors=[self.interceptor], options=self._server_options(settings))
         vision_pb2_grpc.add_VisionServicer_to_server(VisionServicer(self.plane), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if settings.reflection:
@@ -460,13 +474,25 @@ class Gateway:
                 log.exception("triton readiness poll failed")
 
     async def stop(self, grace: float | None = None) -> None:
-        """Turn NOT_SERVING, stop taking calls and let the ones in flight finish."""
+        """Drain, then stop: turn NOT_SERVING, refuse new calls with UNAVAILABLE, let
+        the calls in flight finish (for at most `grace` seconds), then close the server.
+
+        The server keeps listening while it drains, so health checks see NOT_SERVING
+        (not a closed port) and clients get a clear UNAVAILABLE to retry elsewhere.
+        Calls still running when the grace time is over are cancelled."""
         self._draining = True
+        self.interceptor.draining = True
         grace = self.settings.drain_grace_s if grace is None else grace
         await self._set_health(READINESS, False)
         await self._set_health(SERVICE_NAME, False)
-        log.info("gateway draining", extra={"grace_s": grace})
-        await self.server.stop(grace)
+        in_flight = self.interceptor.in_flight
+        log.info("gateway draining", extra={"grace_s": grace, "in_flight": in_flight})
+        deadline = time.monotonic() + grace
+        while self.interceptor.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        log.info("gateway drained", extra={"in_flight": self.interceptor.in_flight,
+                                           "drain_s": round(grace - max(deadline - time.monotonic(), 0), 3)})
+        await self.server.stop(max(deadline - time.monotonic(), 0))
         if self._watch:
             self._watch.cancel()
         self.plane.close()
