@@ -7,9 +7,11 @@ distribution over `REG_MAX` bins (DFL), the other gives per-class logits.
 The module tree and parameter names follow Ultralytics' `DetectionModel` for
 `yolov8{n,s}.yaml`: layer ``i`` of the yaml is ``model.<i>`` (``model.0.conv.weight``,
 ``model.2.m.0.cv1.bn.running_mean``, ``model.22.cv2.0.2.bias``, ``model.22.dfl.conv.weight``).
-So the state_dict of a trained Ultralytics model, ``torch.load(pt)["model"].float().
-state_dict()`` saved as a plain state_dict, loads unchanged (Ultralytics' ``.pt`` files
-themselves are pickled modules, which `--weights` does not unpickle).
+So the state_dict of a trained Ultralytics YOLOv8 model, ``torch.load(pt)["model"].float()
+.state_dict()`` saved as a plain state_dict, is meant to load unchanged: the layers,
+widths and parameter counts equal Ultralytics' (3,157,200 for n, 11,166,560 for s), but
+no real Ultralytics checkpoint could be tried here. Ultralytics' ``.pt`` files
+themselves are pickled modules, which `--weights` does not unpickle.
 
 Output, as Ultralytics' TorchScript/ONNX export: float32 ``[N, 4 + C, A]``, rows
 (cx, cy, w, h) in input pixels then sigmoid class scores, A anchor points over the three
