@@ -249,3 +249,20 @@ def test_boxes_are_clipped_but_masks_use_the_models_boxes():
     assert result.instances[0].box == (0.0, 10.0, 60.0, 49.0)
     expected = masks.paste_masks(outputs["masks__0"][0, :1], outputs["boxes__0"][0, :1], 50, 60)[0]
     np.testing.assert_array_equal(masks.decode_rle(50, 60, result.instances[0].rle), expected)
+
+
+# -------------------------------------------------------------------------- drawing
+def test_voc_palette_and_overlays():
+    from service.draw import draw_instances, draw_label_map, voc_palette
+
+    # The PASCAL VOC colour map's first entries (VOCdevkit's labelcolormap).
+    assert voc_palette()[:6].tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0], [0, 0, 128],
+                                          [128, 0, 128]]
+    image = Image.fromarray(np.full((20, 30, 3), 200, np.uint8))
+    label_map = np.zeros((20, 30), np.uint16)
+    label_map[5:10, 5:20] = 1
+    drawn = np.asarray(draw_label_map(image, label_map))
+    assert (drawn[label_map == 0] == 200).all() and (drawn[label_map == 1] == [164, 100, 100]).all()
+    mask = label_map == 1
+    drawn = np.asarray(draw_instances(image, [((5.0, 5.0, 20.0, 10.0), "person 0.90", mask)]))
+    assert drawn.shape == (20, 30, 3) and (drawn[7, 10] == [164, 100, 100]).all() and (drawn[15:, 25:] == 200).all()

@@ -167,3 +167,30 @@ def test_segment_on_a_classifier_is_failed_precondition(vision):
     with pytest.raises(grpc.RpcError) as info:
         segment(vision, "resnet18", [vision_pb2.Image(encoded=encode(photo("chelsea.png"), "PNG"))])
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_predict_cli_prints_classes_and_draws_the_label_map(stack, vision, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    image = photo("coffee.png")
+    path = tmp_path / "coffee.png"
+    image.save(path)
+    base = [sys.executable, "-m", "service.cli", "predict", str(path), "--model", "unet", "--server", stack.address]
+    out = tmp_path / "out.png"
+    run = subprocess.run(base + ["--json", "--out", str(out)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    payload = json.loads(run.stdout[:run.stdout.rindex("}") + 1])
+    result = segment(vision, "unet", [vision_pb2.Image(encoded=encode(image, "PNG"))]).results[0]
+    assert [(c["index"], c["pixels"]) for c in payload["results"][0]["classes"]] == \
+        [(c.label.index, c.pixels) for c in result.classes]
+    label_map = decode_label_map(result.label_map_png)
+    with Image.open(out) as drawn:
+        assert drawn.size == image.size
+        changed = np.any(as_array(drawn) != as_array(image), axis=2)
+    # Coloured where a class other than background won, untouched elsewhere.
+    assert not changed[label_map == 0].any()
+    assert changed[label_map != 0].mean() > 0.9
+    table = subprocess.run(base, capture_output=True, text=True, timeout=60)
+    assert table.returncode == 0 and result.classes[0].label.name in table.stdout
