@@ -122,3 +122,24 @@ def test_bad_fields_are_invalid_argument(vision, fields, field):
     bad = error_details_pb2.BadRequest()
     assert any(d.Unpack(bad) for d in rpc_status.from_call(info.value).details)
     assert bad.field_violations[0].field == field
+
+
+def test_predict_cli_lists_instances_and_draws_them(stack, vision, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    image = photo("astronaut.png")
+    path = tmp_path / "astronaut.png"
+    image.save(path)
+    out = tmp_path / "out.png"
+    run = subprocess.run([sys.executable, "-m", "service.cli", "predict", str(path), "--model", "candidates",
+                          "--server", stack.address, "--json", "--mask-format", "png", "--out", str(out)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    listed = json.loads(run.stdout[:run.stdout.rindex("}") + 1])["results"][0]["instances"]
+    result = segment(vision, [vision_pb2.Image(encoded=encode(image, "PNG"))]).results[0]
+    assert [(d["index"], d["mask_pixels"]) for d in listed] == \
+        [(d.label.index, int(rle_mask(d, image.height, image.width).sum())) for d in result.instances]
+    with Image.open(out) as drawn:
+        assert drawn.size == image.size and np.any(as_array(drawn) != as_array(image))
