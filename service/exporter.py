@@ -101,11 +101,13 @@ def apply_state_dict(model: torch.nn.Module, state: dict, arch: zoo.Architecture
 
 
 def checkpoint_num_classes(state: dict, arch: zoo.Architecture) -> int | None:
-    """The class count a classifier or semantic segmenter checkpoint was trained for
-    (its last layer's rows)."""
-    model = arch.build(arch.num_classes)
-    last = [name for name, _ in model.named_parameters() if name.endswith(".weight")][-1]
-    tensor = state.get(last)
+    """The class count a checkpoint was trained for: the rows of the architecture's
+    `classes_key` (default: its last weight, a classifier's last layer)."""
+    key = arch.classes_key
+    if key is None:
+        model = arch.build(arch.num_classes)
+        key = [name for name, _ in model.named_parameters() if name.endswith(".weight")][-1]
+    tensor = state.get(key)
     return int(tensor.shape[0]) if tensor is not None else None
 
 
@@ -259,7 +261,7 @@ def build_spec(arch: zoo.Architecture, name: str, labels: list[str], max_batch_s
         outputs=outputs,
         max_batch_size=max_batch_size, resize_mode=arch.resize_mode, resize_size=resize_size,
         mean=arch.mean, std=arch.std, output_layout=arch.output_layout, labels=tuple(labels),
-        options=dict(arch.options),
+        options={**arch.options, **(arch.sized_options(height, width) if arch.sized_options else {})},
     )
 
 
@@ -289,9 +291,8 @@ def export_model(
         raise ExportError(f"format must be one of {', '.join(NAME_SUFFIX)}, got {fmt!r}")
     name = name or default_name(arch.name, fmt)
     state = load_state_dict(weights) if weights is not None else None
-    # Classifiers and semantic segmenters end in a layer with one row per class.
     ckpt_classes = (checkpoint_num_classes(state, arch)
-                    if state is not None and arch.task in ("classification", "semantic_segmentation") else None)
+                    if state is not None and (arch.task == "classification" or arch.classes_key) else None)
     labels = resolve_labels(arch.labels_resource, arch.num_classes, labels_file, num_classes, ckpt_classes)
     spec = build_spec(arch, name, labels, max_batch_size, input_size)
 
@@ -303,8 +304,8 @@ def export_model(
         warnings.warn(f"{arch.name}: no --weights given; exporting seeded random weights (seed {seed}). "
                       "Its answers are meaningless until you export a trained checkpoint.", stacklevel=2)
     wrapped = arch.wrap(model.eval(), spec).eval()
-    images = example_batch(spec, seed, size=(spec.input_height, spec.input_width) if input_size is None
-                           else (input_size, input_size))
+    # A variable-size input is checked at the architecture's nominal size.
+    images = example_batch(spec, seed, size=arch.input_size if input_size is None else (input_size, input_size))
     with torch.inference_mode():
         expected = wrapped(images)
 

@@ -51,6 +51,12 @@ class Architecture:
     # Called with (model, state_dict) after a strict load fails, to allow known
     # differences (e.g. GoogLeNet's auxiliary heads); returns the dict to load.
     adapt_state_dict: Callable[[nn.Module, dict], dict] | None = None
+    # Spec options that follow the export input size: called with (height, width) of
+    # `input_size` (or --input-size), merged over `options` (e.g. a detector's min_size).
+    sized_options: Callable[[int, int], dict[str, str]] | None = None
+    # The state_dict key whose first dimension is the class count, when it is not the
+    # model's last weight (a detector's classification layer is not its last layer).
+    classes_key: str | None = None
 
 
 REGISTRY: dict[str, Architecture] = {}
@@ -101,3 +107,4 @@ class NormalizedModel(nn.Module):
 
 
 from . import classification, generation, segmentation  # noqa: E402,F401  (they register themselves)
+from . import detection  # noqa: E402,F401

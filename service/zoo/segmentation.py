@@ -255,10 +255,11 @@ def build_segnet(num_classes: int) -> nn.Module:
 register(Architecture(
     name="unet", task="semantic_segmentation", build=build_unet, wrap=_wrap,
     num_classes=VOC_NUM_CLASSES, labels_resource=VOC_LABELS_RESOURCE, input_size=(256, 256),
-    resize_mode="stretch", output_layout="logits_nchw", output_specs=_logits_specs,
+    resize_mode="stretch", output_layout="logits_nchw", output_specs=_logits_specs, classes_key="outc.weight",
 ))
 register(Architecture(
     name="segnet", task="semantic_segmentation", build=build_segnet, wrap=_wrap,
     num_classes=VOC_NUM_CLASSES, labels_resource=VOC_LABELS_RESOURCE, input_size=(256, 256),
     resize_mode="stretch", output_layout="logits_nchw", output_specs=_logits_specs,
+    classes_key="classifier.weight",
 ))
