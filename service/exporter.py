@@ -435,27 +435,94 @@ def _generation_outputs(outputs: list[tuple[str, np.ndarray]], labels: list[str]
                        std=zoo.generation.GAN_STD)
 
 
+def _semantic_segmentation_outputs(outputs: list[tuple[str, np.ndarray]], labels: list[str], input_size: int,
+                                   layout: str | None, source: str) -> FileOutputs:
+    """A semantic segmenter's first output: per-pixel class scores [N, C, S, S] at the
+    input size, C = the number of labels (logits or probabilities: the gateway keeps
+    only the argmax, after resizing them bilinearly to the original image)."""
+    name, out = outputs[0]
+    want = (2, len(labels), input_size, input_size)
+    if out.shape != want:
+        raise ExportError(f"{source} outputs shape {list(out.shape)} for 2 images of {input_size}x{input_size}; "
+                          f"semantic segmentation with {len(labels)} labels needs {list(want)}")
+    if layout not in (None, "logits_nchw"):
+        raise ExportError(f"--layout for semantic_segmentation is logits_nchw, got {layout!r}")
+    return FileOutputs((TensorSpec(name, np.dtype(np.float32), want[1:]),), "logits_nchw", "stretch")
+
+
+# The rcnn_candidates contract (see service/pipelines/segmentation.py): output names in
+# order, with their dtypes and per-image shapes (K candidates, M x M masks).
+RCNN_CANDIDATES = (("boxes__0", np.float32, ("K", 4)), ("scores__0", np.float32, ("K",)),
+                   ("labels__0", np.int64, ("K",)), ("count__0", np.int32, (1,)),
+                   ("masks__0", np.float32, ("K", "M", "M")))
+
+
+def _instance_segmentation_outputs(outputs: list[tuple[str, np.ndarray]], labels: list[str], input_size: int,
+                                   layout: str | None, source: str) -> FileOutputs:
+    """A Mask R-CNN-style file following the rcnn_candidates contract: it takes uint8
+    images [N, 3, H, W] of any size (RGB, 0-255; it resizes and normalizes itself) and
+    returns, per image, K candidates before the final NMS, best first:
+    boxes [K, 4] float32 (x1, y1, x2, y2, input pixels), scores [K] float32, labels [K]
+    int64 (indices into the labels file), count [1] int32 (valid rows; the rest is
+    zero padding) and masks [K, M, M] float32 (each candidate's own class's mask
+    probabilities). ONNX files name these outputs boxes__0, scores__0, labels__0,
+    count__0, masks__0; TorchScript files return them as a tuple in that order."""
+    if layout not in (None, "rcnn_candidates"):
+        raise ExportError(f"--layout for instance_segmentation is rcnn_candidates, got {layout!r}")
+    by_name = dict(outputs)
+    if all(name in by_name for name, _, _ in RCNN_CANDIDATES):
+        arrays = [by_name[name] for name, _, _ in RCNN_CANDIDATES]
+    elif len(outputs) == len(RCNN_CANDIDATES) and all(name.startswith("output__") for name, _ in outputs):
+        arrays = [out for _, out in outputs]  # TorchScript: positional
+    else:
+        raise ExportError(f"{source} has outputs {[n for n, _ in outputs]}; instance_segmentation files must "
+                          f"return {', '.join(n for n, _, _ in RCNN_CANDIDATES)} (the rcnn_candidates contract)")
+    k = arrays[0].shape[1] if arrays[0].ndim == 3 else -1
+    m = arrays[4].shape[-1] if arrays[4].ndim == 4 else -1
+    specs = []
+    for (name, dtype, dims), out in zip(RCNN_CANDIDATES, arrays):
+        want = tuple(k if d == "K" else m if d == "M" else d for d in dims)
+        if out.dtype != np.dtype(dtype) or out.shape != (1, *want) or k < 1 or m < 1:
+            raise ExportError(f"{source}: output {name} is {out.dtype} {list(out.shape)} for one image; the "
+                              f"rcnn_candidates contract needs {np.dtype(dtype)} [1, {', '.join(map(str, dims))}]")
+        specs.append(TensorSpec(name, np.dtype(dtype), want))
+    count = int(arrays[3].reshape(-1)[0])
+    valid_labels = arrays[2][0, :max(count, 0)]
+    if not 0 <= count <= k or (valid_labels.size and not 0 <= valid_labels.min() <= valid_labels.max() < len(labels)):
+        raise ExportError(f"{source}: count {count} must lie in [0, {k}] and labels in [0, {len(labels)}) "
+                          f"({len(labels)} labels in the labels file)")
+    return FileOutputs(tuple(specs), "rcnn_candidates", "none",
+                       options={"score_threshold": "0.05", "iou_threshold": "0.5", "max_detections": "100",
+                                "max_candidates": str(k)})
+
+
 # --task -> how that task checks a file's outputs and describes them. Each task that
 # accepts --from-file adds itself here.
 FILE_TASKS: dict[str, Callable[..., FileOutputs]] = {
     "classification": _classification_outputs,
     "detection": _detection_outputs,
+    "semantic_segmentation": _semantic_segmentation_outputs,
+    "instance_segmentation": _instance_segmentation_outputs,
     "generation": _generation_outputs,
 }
 # Tasks whose models have no classes: --labels is optional for them.
 UNLABELLED_TASKS = ("generation",)
+# Tasks whose files take uint8 RGB images [N, 3, H, W] of any size and resize and
+# normalize them themselves (one image is sent per call); the others take float32
+# [N, 3, S, S] normalized with --mean/--std.
+RAW_IMAGE_TASKS = ("instance_segmentation",)
 
 
 def _run_file(source: Path, fmt: str, sample: np.ndarray) -> tuple[str, list[tuple[str, np.ndarray]]]:
     """Run the file on the sample batch: (input name, [(output name, array), ...])."""
-    shape = list(sample.shape)
+    shape = f"{list(sample.shape)} {'uint8' if sample.dtype == np.uint8 else 'float'}"
     if fmt == "torchscript":
         try:
             module = torch.jit.load(str(source), map_location="cpu").eval()
             with torch.inference_mode():
                 got = _as_tuple(module(torch.from_numpy(sample)))
         except Exception as exc:
-            raise ExportError(f"{source.name} does not run as TorchScript on {shape} float input: {exc}") from exc
+            raise ExportError(f"{source.name} does not run as TorchScript on {shape} input: {exc}") from exc
         return "input__0", [(f"output__{i}", t.numpy()) for i, t in enumerate(got)]
     import onnxruntime as ort
 
@@ -465,7 +532,7 @@ def _run_file(source: Path, fmt: str, sample: np.ndarray) -> tuple[str, list[tup
         names = [o.name for o in session.get_outputs()]
         got = session.run(names, {in_name: sample})
     except Exception as exc:
-        raise ExportError(f"{source.name} does not run in ONNX Runtime on {shape} float input: {exc}") from exc
+        raise ExportError(f"{source.name} does not run in ONNX Runtime on {shape} input: {exc}") from exc
     return in_name, list(zip(names, got))
 
 
@@ -502,13 +569,20 @@ def export_from_file(
            ".onnx": "onnx"}.get(source.suffix)
     if fmt is None:
         raise ExportError(f"--from-file takes a TorchScript .pt or an .onnx file, got {source.name}")
-    sample = np.random.default_rng(0).normal(size=(2, 3, input_size, input_size)).astype(np.float32)
+    rng = np.random.default_rng(0)
+    raw_images = task in RAW_IMAGE_TASKS
+    if raw_images:  # one image, not square: the file must take any size
+        sample = rng.integers(0, 256, size=(1, 3, input_size, input_size + 32), dtype=np.uint8)
+        image_input = (np.dtype(np.uint8), (3, -1, -1))
+    else:
+        sample = rng.normal(size=(2, 3, input_size, input_size)).astype(np.float32)
+        image_input = (np.dtype(np.float32), (3, input_size, input_size))
     in_name, outputs = _run_file(source, fmt, sample)
     described = FILE_TASKS[task](outputs, labels, input_size, layout, source.name)
     spec = ModelSpec(
         name=name, task=task, architecture=f"custom:{source.name}",
-        inputs=(TensorSpec(in_name, np.dtype(np.float32), (3, input_size, input_size)),),
-        outputs=described.outputs, max_batch_size=max_batch_size,
+        inputs=(TensorSpec(in_name, *image_input),),
+        outputs=described.outputs, max_batch_size=1 if raw_images else max_batch_size,
         resize_mode=resize_mode or described.resize_mode,
         resize_size=described.resize_size if (resize_mode or described.resize_mode) == "resize_center_crop" else 0,
         mean=tuple(mean or described.mean or IMAGENET_MEAN), std=tuple(std or described.std or IMAGENET_STD),

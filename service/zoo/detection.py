@@ -188,12 +188,13 @@ class MaskRCNNCandidates(RCNNCandidates):
         self.mask_roi_pool = model.roi_heads.mask_roi_pool
         self.mask_head = model.roi_heads.mask_head
         self.mask_predictor = model.roi_heads.mask_predictor
+        self.mask_size = MASK_SIZE  # an attribute: TorchScript cannot read module globals
 
     def forward(self, images: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         boxes, scores, labels, count, resized_boxes, features, sizes = self._candidates(images)
         n, k = boxes.shape[0], boxes.shape[1]
-        masks = torch.zeros((n, k, MASK_SIZE, MASK_SIZE), dtype=torch.float32)
-        counts: List[int] = count[:, 0].tolist()
+        masks = torch.zeros((n, k, self.mask_size, self.mask_size), dtype=torch.float32)
+        counts: List[int] = count[:, 0].long().tolist()
         if sum(counts) > 0:
             rois = [resized_boxes[i, :counts[i]] for i in range(n)]
             logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, rois, sizes)))
