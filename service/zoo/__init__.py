@@ -51,6 +51,12 @@ class Architecture:
     # Called with (model, state_dict) after a strict load fails, to allow known
     # differences (e.g. GoogLeNet's auxiliary heads); returns the dict to load.
     adapt_state_dict: Callable[[nn.Module, dict], dict] | None = None
+    # Inputs after the image (e.g. Fast R-CNN's RoIs), given (the entry's options, input
+    # height, input width); the exported module takes them after the images, in order.
+    extra_inputs: Callable[[dict, int, int], tuple[TensorSpec, ...]] | None = None
+    # Example values of those inputs for the export's parity check, given (spec, batch,
+    # height, width, torch.Generator); None: uniform random values in [0, 1).
+    example_extra_inputs: Callable[..., tuple[torch.Tensor, ...]] | None = None
 
 
 REGISTRY: dict[str, Architecture] = {}
@@ -100,4 +106,4 @@ class NormalizedModel(nn.Module):
         return self.model(self.normalize(images))
 
 
-from . import classification, generation, segmentation  # noqa: E402,F401  (they register themselves)
+from . import classification, generation, regions, segmentation  # noqa: E402,F401  (they register themselves)
