@@ -53,10 +53,11 @@ def test_warp_with_context_matches_slow_reference():
     assert got.shape == (4, 3, size, size) and got.dtype == np.uint8
     for k, box in enumerate(boxes):
         want = slow_warp(image, box, size, padding, fill)
-        # OpenCV's bilinear weights are fixed point (1/32 steps): on noise whose
-        # neighbours differ by up to 255 that is at most 255/64 + rounding, while a
-        # geometry error of 0.1 px would already cost tens of levels.
-        assert np.abs(got[k].astype(float) - want).max() <= 255 / 64 + 0.5
+        # OpenCV's bilinear weights are fixed point (1/32 steps, so each axis's weight
+        # is off by at most 1/64): on noise whose neighbours differ by up to 255 that is
+        # at most 2 * 255/64 + rounding, while a geometry error of 0.2 px would already
+        # cost tens of levels (and shift the mean error far above 1).
+        assert np.abs(got[k].astype(float) - want).max() <= 2 * 255 / 64 + 0.5
         assert np.abs(got[k].astype(float) - want).mean() < 1.0
 
 
