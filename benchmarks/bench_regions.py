@@ -53,7 +53,6 @@ def main() -> None:
     images = [decode_encoded(encode(photo(name, max_side=MAX_SIDE)), "image", 10**8)
               for name in PHOTOS[:args.photos]]
     repo = Path(tempfile.mkdtemp(prefix="bench-regions-"))
-    rows = []
     searched = []  # seconds of each selective search, timed inside preprocess
     search = regions.image_proposals
 
@@ -75,43 +74,48 @@ def main() -> None:
         model = torch.jit.load(str(result.path / "1" / "model.pt")).eval()
         return spec, model
 
-    for arch in ("rcnn", "fast_rcnn"):
-        spec, model = region_model(arch)
+    def run_regions(spec, model, decoded):
+        """(proposals, warp/resize, network, decode + NMS) seconds, and the region count."""
         layout = LAYOUTS[spec.output_layout]
         options = detect_options({}, spec)
-        timings, counts = [], []
-        for i, decoded in enumerate(images + images[:1]):  # the first image twice: warm-up
-            t0 = time.perf_counter()
-            tensors = layout.preprocess(decoded, spec, options)
-            t1 = time.perf_counter()
-            inputs = [torch.from_numpy(tensors[t.name]) for t in spec.inputs]
-            with torch.inference_mode():
-                outs = model(*inputs)
-            t2 = time.perf_counter()
-            outputs = {t.name: o.numpy() for t, o in zip(spec.outputs, outs)}
-            outputs["proposals"] = tensors["proposals"]
-            layout.postprocess(outputs, spec, decoded, options)
-            t3 = time.perf_counter()
-            if i < len(images):
-                timings.append((searched[-1], t1 - t0 - searched[-1], t2 - t1, t3 - t2))
-                counts.append(len(tensors["proposals"]))
-        rows.append((arch, counts, timings))
+        t0 = time.perf_counter()
+        tensors = layout.preprocess(decoded, spec, options)
+        t1 = time.perf_counter()
+        inputs = [torch.from_numpy(tensors[t.name]) for t in spec.inputs]
+        with torch.inference_mode():
+            outs = model(*inputs)
+        t2 = time.perf_counter()
+        outputs = {t.name: o.numpy() for t, o in zip(spec.outputs, outs)}
+        outputs["proposals"] = tensors["proposals"]
+        layout.postprocess(outputs, spec, decoded, options)
+        t3 = time.perf_counter()
+        return (searched[-1], t1 - t0 - searched[-1], t2 - t1, t3 - t2), len(tensors["proposals"])
 
-    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(
+    faster = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(
         weights=None, weights_backbone=None).eval()
     counted = []
-    model.rpn.register_forward_hook(lambda module, inputs, output: counted.append(len(output[0][0])))
-    timings, counts = [], []
-    for i, decoded in enumerate(images[:1] + images):  # first image once more: warm-up
+    faster.rpn.register_forward_hook(lambda module, inputs, output: counted.append(len(output[0][0])))
+
+    def run_faster(decoded):
         tensor = torch.from_numpy(np.asarray(decoded.image).transpose(2, 0, 1).copy()).float() / 255
         t0 = time.perf_counter()
         with torch.inference_mode():
-            model([tensor])
-        t1 = time.perf_counter()
-        if i:
-            timings.append((0.0, 0.0, t1 - t0, 0.0))
-            counts.append(counted[-1])
-    rows.append(("fasterrcnn_mobilenet_v3_large_fpn", counts, timings))
+            faster([tensor])
+        return (0.0, 0.0, time.perf_counter() - t0, 0.0), counted[-1]
+
+    runners = {arch: (lambda d, m=region_model(arch): run_regions(*m, d)) for arch in ("rcnn", "fast_rcnn")}
+    runners["fasterrcnn_mobilenet_v3_large_fpn"] = run_faster
+    for run in runners.values():  # warm-up
+        run(images[0])
+    results = {name: ([], []) for name in runners}
+    # Photo by photo, the three models in turn: load from other processes on the machine
+    # falls on all three alike.
+    for decoded in images:
+        for name, run in runners.items():
+            timing, count = run(decoded)
+            results[name][0].append(count)
+            results[name][1].append(timing)
+    rows = [(name, counts, timings) for name, (counts, timings) in results.items()]
 
     print(f"{len(images)} photos (longer side {MAX_SIDE} px), {args.threads} thread(s), per image, mean:\n")
     print("| model | regions | proposals (ms) | warp / resize (ms) | network (ms) | decode + NMS (ms) | total (ms) |")

@@ -58,13 +58,14 @@ class DetectOptions:
     iou_threshold: float
     max_detections: int
     class_ids: tuple[int, ...] = ()
+    class_agnostic: bool = False
 
 
 @dataclass(frozen=True)
-class Detections:
+class Selected:
     """One image's detections, best first: boxes float32 [k, 4] (x1, y1, x2, y2,
-    original pixels), scores float32 [k], labels int64 [k] (the model's class index;
-    background is 0 and never returned)."""
+    original pixels, clipped), scores float32 [k], labels int64 [k] (the model's class
+    index; background is 0 and never returned)."""
 
     boxes: np.ndarray
     scores: np.ndarray
@@ -164,7 +165,7 @@ def decode_deltas(deltas: np.ndarray, boxes: np.ndarray, weights=BOX_CODER_WEIGH
 
 
 def region_detections(logits: np.ndarray, deltas: np.ndarray, proposals: np.ndarray, width: int, height: int,
-                      options: DetectOptions) -> Detections:
+                      options: DetectOptions) -> Selected:
     """Detections from per-proposal logits [P, C+1] and deltas [P, 4 (C+1)] relative to
     `proposals` [P, 4] (original pixels), for an image of width x height."""
     logits = np.asarray(logits, np.float32).reshape(len(proposals), -1)
@@ -182,8 +183,8 @@ def region_detections(logits: np.ndarray, deltas: np.ndarray, proposals: np.ndar
     # Score threshold, class filter, class-aware NMS, top N.
     keep = big[select_detections(boxes[big], scores[big], labels[big], score_threshold=options.score_threshold,
                                  iou_threshold=options.iou_threshold, max_detections=options.max_detections,
-                                 class_ids=options.class_ids)]
-    return Detections(boxes[keep], scores[keep].astype(np.float32), labels[keep])
+                                 class_ids=options.class_ids, class_agnostic=options.class_agnostic)]
+    return Selected(boxes[keep], scores[keep].astype(np.float32), labels[keep])
 
 
 # ------------------------------------------------------------------- layouts
@@ -198,7 +199,7 @@ class RCNNRegions:
         regions = warp_regions(np.asarray(decoded.image), context_boxes(proposals, size, padding), size, fill)
         return {spec.image_input.name: regions, PROPOSALS_KEY: proposals}
 
-    def postprocess(self, outputs: Tensors, spec: ModelSpec, decoded: Decoded, options: DetectOptions) -> Detections:
+    def postprocess(self, outputs: Tensors, spec: ModelSpec, decoded: Decoded, options: DetectOptions) -> Selected:
         logits, deltas = (outputs[t.name] for t in spec.outputs[:2])
         return region_detections(logits, deltas, outputs[PROPOSALS_KEY], decoded.width, decoded.height, options)
 
@@ -228,7 +229,7 @@ class FastRCNN:
         return {spec.image_input.name: image.transpose(2, 0, 1)[None], rois_spec.name: rois[None],
                 PROPOSALS_KEY: proposals}
 
-    def postprocess(self, outputs: Tensors, spec: ModelSpec, decoded: Decoded, options: DetectOptions) -> Detections:
+    def postprocess(self, outputs: Tensors, spec: ModelSpec, decoded: Decoded, options: DetectOptions) -> Selected:
         proposals = outputs[PROPOSALS_KEY]
         logits, deltas = (outputs[t.name][0, :len(proposals)] for t in spec.outputs[:2])
         return region_detections(logits, deltas, proposals, decoded.width, decoded.height, options)
