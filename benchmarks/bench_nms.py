@@ -110,6 +110,39 @@ def main() -> None:
                   f"{tv_ms:>15} {tv_ratio:>8}  {'met' if per_1k <= GOAL_MS_PER_1K else 'MISSED'}")
     if tv is None:
         print(f"torchvision: n/a, {why}.")
+    postprocess_table(rng)
+
+
+def postprocess_table(rng: np.random.Generator) -> None:
+    """The whole Detect postprocess of one image (decode + threshold + class-aware NMS +
+    top-N + mapping back) on a YOLOv8 output at 640 x 640: [84, 8400]."""
+    from PIL import Image
+
+    from service.imaging import Decoded
+    from service.pipelines import detection
+    from service.spec import ModelSpec, TensorSpec
+
+    anchors, labels = 8400, tuple(str(i) for i in range(CLASSES))
+    spec = ModelSpec(name="yolo", task="detection", architecture="yolo",
+                     inputs=(TensorSpec("images__0", np.dtype(np.uint8), (3, 640, 640)),),
+                     outputs=(TensorSpec("predictions__0", np.dtype(np.float32), (4 + CLASSES, anchors)),),
+                     resize_mode="letterbox", output_layout="yolov8", labels=labels)
+    decoded = Decoded(Image.new("RGB", (1280, 720)))
+    print(f"\nDetect postprocess, yolov8 [{4 + CLASSES}, {anchors}] at 640, image 1280x720, IoU > 0.7, "
+          "max 300; median of repeats")
+    print(f"{'candidates':>10} {'kept':>5} {'ms':>7}")
+    for candidates in (100, 1_000, 5_000):
+        b, s, c = detector_like(anchors, "clustered", rng)
+        rows = np.zeros((4 + CLASSES, anchors), np.float32)
+        rows[0], rows[1] = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+        rows[2], rows[3] = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
+        rows[4:] = rng.random((CLASSES, anchors), np.float32) * 0.2
+        rows[4 + c, np.arange(anchors)] = np.where(np.arange(anchors) < candidates, 0.3 + 0.7 * s, 0.1)
+        outputs = {"predictions__0": rows[None]}
+        options = detection.DetectOptions(0.25, 0.7, 300)
+        kept = len(detection.postprocess(outputs, spec, decoded, options).scores)
+        ms = median_ms(lambda: detection.postprocess(outputs, spec, decoded, options), repeats=30)
+        print(f"{candidates:>10} {kept:>5} {ms:>7.2f}")
 
 
 if __name__ == "__main__":

@@ -46,7 +46,8 @@ def main() -> None:
     from service.exporter import export_model
     from service.imaging import decode_encoded
     from service.pipelines import regions
-    from service.pipelines.regions import LAYOUTS, detect_options
+    from service.pipelines.detection import resolve_options
+    from service.pipelines.regions import LAYOUTS
     from service.spec import ModelSpec
 
     torch.set_num_threads(args.threads)
@@ -77,7 +78,7 @@ def main() -> None:
     def run_regions(spec, model, decoded):
         """(proposals, warp/resize, network, decode + NMS) seconds, and the region count."""
         layout = LAYOUTS[spec.output_layout]
-        options = detect_options({}, spec)
+        options = resolve_options({}, spec)
         t0 = time.perf_counter()
         tensors = layout.preprocess(decoded, spec, options)
         t1 = time.perf_counter()

@@ -31,8 +31,12 @@ def cmd_export(args) -> int:
                   max_queue_size=args.max_queue_size)
     try:
         if args.from_file:
-            missing = [flag for flag, value in (("--task", args.task), ("--input-size", args.input_size),
-                                                ("--labels", args.labels), ("--name", args.name)) if value is None]
+            from .exporter import UNLABELLED_TASKS
+
+            required = [("--task", args.task), ("--input-size", args.input_size), ("--name", args.name)]
+            if args.task not in UNLABELLED_TASKS:
+                required.append(("--labels", args.labels))
+            missing = [flag for flag, value in required if value is None]
             if missing:
                 raise ExportError(f"--from-file also needs {', '.join(missing)}")
             extra = {k: tuple(v) for k, v in (("mean", args.mean), ("std", args.std)) if v}
@@ -233,9 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", help="with --from-file: the model's task (classification, detection, "
                    "semantic_segmentation, instance_segmentation, generation)")
     p.add_argument("--layout", help="with --from-file: the output layout (classification: logits or "
-                   "probabilities; detection: yolov8 or yolov5)")
-    p.add_argument("--mean", type=float, nargs=3, help="with --from-file: per-channel mean (0-1 scale)")
-    p.add_argument("--std", type=float, nargs=3, help="with --from-file: per-channel std (0-1 scale)")
+                   "probabilities; detection: yolov8 or yolov5; generation: image_nchw_tanh (default) or "
+                   "image_nchw_01)")
+    p.add_argument("--mean", type=float, nargs=3,
+                   help="with --from-file: per-channel mean (0-1 scale; default ImageNet's, 0.5 for generation)")
+    p.add_argument("--std", type=float, nargs=3,
+                   help="with --from-file: per-channel std (0-1 scale; default ImageNet's, 0.5 for generation)")
     p.add_argument("--resize-mode", choices=("resize_center_crop", "letterbox", "stretch", "none"),
                    help="with --from-file: how images are brought to the input size")
     p.set_defaults(func=cmd_export)
@@ -258,9 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--server", default="localhost:50051")
     p.add_argument("--top-k", type=int)
+    p.add_argument("--score-threshold", type=float, help="detection: keep scores above this")
+    p.add_argument("--iou-threshold", type=float, help="detection: NMS suppresses above this IoU")
+    p.add_argument("--max-detections", type=int, help="detection: at most this many per image")
+    p.add_argument("--class-ids", type=int, nargs="+", help="detection: only these class indices")
     p.add_argument("--model-version", default="")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--out", type=Path, help="write a PNG with the results drawn on the image")
+    p.add_argument("--out", type=Path, help="write a PNG with the results drawn on the image; for a generation "
+                   "model, the generated image (JPEG if PATH ends in .jpg/.jpeg)")
     p.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds")
     p.set_defaults(func=cmd_predict)
     return parser

@@ -62,6 +62,12 @@ class DataPlane:
         limit = self.settings.max_images_per_request
         if len(images) > limit:
             raise InvalidArgument("images", f"{len(images)} images is over the limit of {limit} per request")
+        # Before any model lookup or decoding: an oversized image costs nothing more.
+        max_bytes = self.settings.max_image_bytes
+        for i, image in enumerate(images):
+            if image.encoded is not None and len(image.encoded) > max_bytes:
+                raise InvalidArgument(f"images[{i}].encoded",
+                                      f"{len(image.encoded)} bytes is over the limit of {max_bytes} bytes per image")
 
     async def _in_pool(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -111,8 +117,9 @@ class DataPlane:
         calls, plan = [], []  # plan: (group's image indices, item counts, first call, n calls)
         for members in groups.values():
             counts = [len(next(iter(per_image[i].values()))) for i in members]
-            joined = {name: np.concatenate([per_image[i][name] for i in members])
-                      for name in per_image[members[0]]}
+            # A group of one image (the common request) is sent as it is, without a copy.
+            joined = per_image[members[0]] if len(members) == 1 else {
+                name: np.concatenate([per_image[i][name] for i in members]) for name in per_image[members[0]]}
             joined = self._model_inputs(spec, joined)
             total = sum(counts)
             step = spec.max_batch_size if spec.max_batch_size > 0 else total

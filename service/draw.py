@@ -27,3 +27,32 @@ def draw_labels(image: Image.Image, lines: list[str]) -> Image.Image:
         draw.text((pad, y), line, fill=(255, 255, 255, 255), font=font)
         y += size + pad // 2
     return Image.alpha_composite(out, overlay).convert("RGB")
+
+
+def _color(index: int) -> tuple[int, int, int]:
+    """A distinct, stable color per class index (golden-ratio hue steps)."""
+    import colorsys
+
+    r, g, b = colorsys.hsv_to_rgb((index * 0.618033988749895) % 1.0, 0.85, 0.95)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def draw_boxes(image: Image.Image, boxes: list[tuple[list[float], str, int]]) -> Image.Image:
+    """The image with each (box [x_min, y_min, x_max, y_max] in pixels, caption, class
+    index) drawn as an outline in its class's color, the caption on a filled tab above
+    it (inside the image when the box touches the top edge). Drawn worst first, so
+    the best detections end on top."""
+    out = image.convert("RGB")
+    draw = ImageDraw.Draw(out)
+    size = max(10, min(out.width, out.height) // 40)
+    font = _font(size)
+    width = max(1, min(out.width, out.height) // 200)
+    for (x1, y1, x2, y2), caption, index in reversed(boxes):
+        color = _color(index)
+        draw.rectangle([x1, y1, x2, y2], outline=color, width=width)
+        left, top, right, bottom = draw.textbbox((0, 0), caption, font=font)
+        tab_h = bottom - top + 2 * width
+        ty = y1 - tab_h if y1 - tab_h >= 0 else y1
+        draw.rectangle([x1, ty, x1 + right - left + 2 * width, ty + tab_h], fill=color)
+        draw.text((x1 + width - left, ty + width - top), caption, fill=(0, 0, 0), font=font)
+    return out

@@ -101,10 +101,13 @@ def apply_state_dict(model: torch.nn.Module, state: dict, arch: zoo.Architecture
 
 
 def checkpoint_num_classes(state: dict, arch: zoo.Architecture) -> int | None:
-    """The class count a classifier checkpoint was trained for (its last layer's rows)."""
-    model = arch.build(arch.num_classes)
-    last = [name for name, _ in model.named_parameters() if name.endswith(".weight")][-1]
-    tensor = state.get(last)
+    """The class count a checkpoint was trained for: the rows of the architecture's
+    `classes_key` (default: its last weight, a classifier's last layer)."""
+    key = arch.classes_key
+    if key is None:
+        model = arch.build(arch.num_classes)
+        key = [name for name, _ in model.named_parameters() if name.endswith(".weight")][-1]
+    tensor = state.get(key)
     return int(tensor.shape[0]) if tensor is not None else None
 
 
@@ -247,7 +250,6 @@ def build_spec(arch: zoo.Architecture, name: str, labels: list[str], max_batch_s
     """The spec of zoo architecture `arch` exported as entry `name`; the architecture's
     hooks say what its outputs and extra inputs are and whether its input size is
     fixed. `options` override the architecture's default options."""
-    options = {**arch.options, **{k: str(v) for k, v in (options or {}).items()}}
     height, width = arch.input_size
     resize_size = arch.resize_size
     if input_size is not None:
@@ -255,6 +257,8 @@ def build_spec(arch: zoo.Architecture, name: str, labels: list[str], max_batch_s
         if resize_size:
             resize_size = round(input_size * resize_size / height)
         height = width = input_size
+    options = {**arch.options, **(arch.sized_options(height, width) if arch.sized_options else {}),
+               **{k: str(v) for k, v in (options or {}).items()}}
     if arch.output_specs is None:
         outputs = (TensorSpec(arch.output_names[0], np.dtype(np.float32), (len(labels),)),)
     else:
@@ -299,7 +303,8 @@ def export_model(
         raise ExportError(f"format must be one of {', '.join(NAME_SUFFIX)}, got {fmt!r}")
     name = name or default_name(arch.name, fmt)
     state = load_state_dict(weights) if weights is not None else None
-    ckpt_classes = checkpoint_num_classes(state, arch) if state is not None and arch.task == "classification" else None
+    ckpt_classes = (checkpoint_num_classes(state, arch)
+                    if state is not None and (arch.task == "classification" or arch.classes_key) else None)
     labels = resolve_labels(arch.labels_resource, arch.num_classes, labels_file, num_classes, ckpt_classes)
     spec = build_spec(arch, name, labels, max_batch_size, input_size, options)
 
@@ -395,6 +400,10 @@ class FileOutputs:
     resize_mode: str
     resize_size: int = 0
     options: dict | None = None
+    # The task's default input normalization, when --mean/--std are not given (None:
+    # ImageNet's).
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
 
 
 def _classification_outputs(outputs: list[tuple[str, np.ndarray]], labels: list[str], input_size: int,
@@ -409,11 +418,61 @@ def _classification_outputs(outputs: list[tuple[str, np.ndarray]], labels: list[
                        "resize_center_crop", round(input_size * 256 / 224))
 
 
+# Detection files default to Ultralytics' conventions: inputs x / 255 (mean 0, std 1),
+# letterbox, and its predict thresholds.
+DETECTION_FILE_OPTIONS = {"score_threshold": "0.25", "iou_threshold": "0.7", "max_detections": "300"}
+
+
+def _detection_outputs(outputs: list[tuple[str, np.ndarray]], labels: list[str], input_size: int,
+                       layout: str | None, source: str) -> FileOutputs:
+    """yolov8: one output [N, 4 + C, A]; yolov5: [N, A, 5 + C]; C = the label count."""
+    layout = layout or "yolov8"
+    if layout not in ("yolov8", "yolov5"):
+        raise ExportError(f"--layout for detection files is yolov8 or yolov5, got {layout!r}")
+    name, out = outputs[0]
+    c = len(labels)
+    if out.ndim != 3 or out.shape[0] != 2:
+        raise ExportError(f"{source} outputs shape {list(out.shape)} for 2 images; layout {layout} needs "
+                          + ("[2, 4 + C, A]" if layout == "yolov8" else "[2, A, 5 + C]"))
+    rows = out.shape[1] if layout == "yolov8" else out.shape[2]
+    extra = 4 if layout == "yolov8" else 5
+    if rows != extra + c:
+        raise ExportError(f"{source} outputs shape {list(out.shape)}: layout {layout} with {c} labels needs "
+                          f"{extra} + {c} = {extra + c} values per box, the file has {rows}")
+    dims = tuple(int(d) for d in out.shape[1:])
+    return FileOutputs((TensorSpec(name, np.dtype(np.float32), dims),), layout, "letterbox",
+                       options=dict(DETECTION_FILE_OPTIONS), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+
+GENERATION_LAYOUTS = ("image_nchw_tanh", "image_nchw_01")
+
+
+def _generation_outputs(outputs: list[tuple[str, np.ndarray]], labels: list[str], input_size: int,
+                        layout: str | None, source: str) -> FileOutputs:
+    """An image-to-image generator: one output [N, 3, S, S] at the input's size, in
+    [-1, 1] (image_nchw_tanh, the default) or [0, 1] (image_nchw_01). The gateway
+    stretches images to S x S and the output back to each image's size; by default it
+    feeds [-1, 1] (mean = std = 0.5), as pix2pix/CycleGAN were trained."""
+    name, out = outputs[0]
+    if out.shape != (2, 3, input_size, input_size):
+        raise ExportError(f"{source} outputs shape {list(out.shape)} for 2 images of {input_size}x{input_size}; "
+                          f"a generator needs [2, 3, {input_size}, {input_size}] (the input's size)")
+    if layout not in (None, *GENERATION_LAYOUTS):
+        raise ExportError(f"--layout for generation is {' or '.join(GENERATION_LAYOUTS)}, got {layout!r}")
+    return FileOutputs((TensorSpec(name, np.dtype(np.float32), (3, input_size, input_size)),),
+                       layout or GENERATION_LAYOUTS[0], "stretch", mean=zoo.generation.GAN_MEAN,
+                       std=zoo.generation.GAN_STD)
+
+
 # --task -> how that task checks a file's outputs and describes them. Each task that
 # accepts --from-file adds itself here.
 FILE_TASKS: dict[str, Callable[..., FileOutputs]] = {
     "classification": _classification_outputs,
+    "detection": _detection_outputs,
+    "generation": _generation_outputs,
 }
+# Tasks whose models have no classes: --labels is optional for them.
+UNLABELLED_TASKS = ("generation",)
 
 
 def _run_file(source: Path, fmt: str, sample: np.ndarray) -> tuple[str, list[tuple[str, np.ndarray]]]:
@@ -446,10 +505,10 @@ def export_from_file(
     task: str,
     name: str,
     input_size: int,
-    labels_file: Path,
+    labels_file: Path | None,
     layout: str | None = None,
-    mean: tuple[float, float, float] = IMAGENET_MEAN,
-    std: tuple[float, float, float] = IMAGENET_STD,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
     resize_mode: str | None = None,
     version: int = 1,
     version_policy: str = "latest",
@@ -458,13 +517,16 @@ def export_from_file(
 ) -> ExportResult:
     """Put an already exported model (`model.pt` TorchScript or `model.onnx`) into the
     repository. It takes float32 [N, 3, S, S] RGB normalized with mean/std (the gateway
-    normalizes); the file must load, and its outputs must fit the task and `layout`."""
+    normalizes; mean/std default to the task's, ImageNet's for most); the file must
+    load, and its outputs must fit the task and `layout`."""
     source = Path(source)
     if task not in FILE_TASKS:
         raise ExportError(f"--from-file supports --task {', '.join(FILE_TASKS)}; got {task!r}")
     if not source.is_file():
         raise ExportError(f"model file {source} does not exist")
-    labels = read_labels_file(labels_file)
+    if labels_file is None and task not in UNLABELLED_TASKS:
+        raise ExportError(f"--from-file --task {task} needs --labels")
+    labels = read_labels_file(labels_file) if labels_file is not None else []
     fmt = {".pt": "torchscript", ".pth": "torchscript", ".torchscript": "torchscript",
            ".onnx": "onnx"}.get(source.suffix)
     if fmt is None:
@@ -478,7 +540,8 @@ def export_from_file(
         outputs=described.outputs, max_batch_size=max_batch_size,
         resize_mode=resize_mode or described.resize_mode,
         resize_size=described.resize_size if (resize_mode or described.resize_mode) == "resize_center_crop" else 0,
-        mean=tuple(mean), std=tuple(std), output_layout=described.output_layout, labels=tuple(labels),
+        mean=tuple(mean or described.mean or IMAGENET_MEAN), std=tuple(std or described.std or IMAGENET_STD),
+        output_layout=described.output_layout, labels=tuple(labels),
         options=dict(described.options or {}))
     path, _ = write_entry(repo, spec, fmt, version, lambda dest: (shutil.copyfile(source, dest), 0.0)[1],
                           version_policy=version_policy, max_queue_size=max_queue_size)

@@ -3,7 +3,11 @@
 Images are handled as Pillow RGB images until the last step, which yields a uint8
 array in CHW layout. Resizing goes through Pillow's bilinear filter with antialiasing,
 which is exactly what torchvision's `transforms.Resize` does on PIL images, so the
-gateway's pixels equal the reference pipeline's.
+gateway's pixels equal the reference pipeline's. Letterbox (YOLO) resizes with OpenCV's
+INTER_LINEAR instead, as Ultralytics does.
+
+Every resize has a `Placement`, its exact inverse for boxes: model-input pixels back
+to the original (EXIF-upright) image's pixels.
 """
 from __future__ import annotations
 
@@ -11,13 +15,22 @@ import io
 import warnings
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
-from .errors import InvalidArgument
+from .errors import Internal, InvalidArgument
 
 # Only these decoders are ever used: a smaller attack surface than Pillow's full set.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
+# Our pixel limit (checked right after the header is read) replaces Pillow's warning
+# tier, which would otherwise only print. Pillow's error tier (2 x MAX_IMAGE_PIXELS,
+# ~179 MP) stays as a backstop; it fires inside Image.open, even before WebP's decoder
+# allocates its canvas. A filter, not warnings.catch_warnings: decoding runs in a
+# thread pool, and catch_warnings swaps the process-wide filters without a lock.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# The largest `max_image_pixels` setting that means anything: Pillow refuses more.
+PILLOW_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 
 
 @dataclass(frozen=True)
@@ -40,30 +53,37 @@ def decode_encoded(data: bytes, field: str, max_pixels: int) -> Decoded:
 
     The pixel count is checked from the header, before any pixel is decoded. EXIF
     orientation is applied; alpha is dropped and grayscale/palette become RGB (as
-    `Image.convert("RGB")` does in torchvision's loaders).
+    `Image.convert("RGB")` does in torchvision's loaders). Truncated or corrupt files
+    raise InvalidArgument: a partly decoded image is never returned.
+
+    The encoded size is bounded before this is called (DataPlane.check_images).
     """
     if not data:
         raise InvalidArgument(field, "empty image")
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        # A process-wide Pillow switch that pads truncated images with grey instead
+        # of failing. Fail closed: a server misconfiguration, never a partial inference.
+        raise Internal("image decoding is misconfigured (PIL.ImageFile.LOAD_TRUNCATED_IMAGES is on)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-            width, height = image.size
-            if width <= 0 or height <= 0:
-                raise InvalidArgument(field, f"image has no pixels ({width}x{height})")
-            if width * height > max_pixels:
-                raise InvalidArgument(
-                    field, f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            if image.mode != "RGB":
-                image = image.convert("RGB")
+        image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        width, height = image.size
+        if width <= 0 or height <= 0:
+            raise InvalidArgument(field, f"image has no pixels ({width}x{height})")
+        if width * height > max_pixels:
+            raise InvalidArgument(
+                field, f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        if image.mode != "RGB":
+            image = image.convert("RGB")
     except InvalidArgument:
         raise
     except Image.UnidentifiedImageError:
         raise InvalidArgument(field, f"not a decodable image (allowed: {', '.join(ALLOWED_FORMATS)})") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning, EOFError) as exc:
+    except Image.DecompressionBombError as exc:
+        # Pillow's own backstop, raised from the header for sizes far past any limit.
+        raise InvalidArgument(field, f"image is over the limit of {max_pixels} pixels: {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InvalidArgument(field, f"corrupt or truncated image: {exc}") from None
     return Decoded(image)
 
@@ -116,6 +136,84 @@ def resize_stretch(image: Image.Image, width: int, height: int) -> np.ndarray:
     if image.size == (width, height):
         return to_chw(image)
     return to_chw(image.resize((width, height), Image.BILINEAR))
+
+
+# Letterbox padding value: Ultralytics' gray, so padded borders look like its training data.
+LETTERBOX_PAD = 114
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the original image lies in the model input, per axis: an original pixel
+    coordinate ``x`` maps to ``(x / scale_x) + offset_x`` input pixels. Coordinates are
+    continuous pixel edges (0 is the left edge of the first pixel, width the right edge
+    of the last), the convention boxes use; resizing maps edges to edges."""
+
+    scale_x: float   # original pixels per input pixel
+    scale_y: float
+    offset_x: float  # input position of the original's left / top edge
+    offset_y: float
+
+    def to_original(self, boxes: np.ndarray) -> np.ndarray:
+        """``boxes`` ``[N, 4]`` (x1, y1, x2, y2) in input pixels -> original pixels, in
+        the boxes' float dtype (float32 for anything else). Not clipped."""
+        b = np.asarray(boxes)
+        dtype = b.dtype if b.dtype == np.float64 else np.float32
+        offset = np.array([self.offset_x, self.offset_y] * 2, dtype)
+        scale = np.array([self.scale_x, self.scale_y] * 2, dtype)
+        return (b.astype(dtype, copy=False) - offset) * scale
+
+
+IDENTITY = Placement(1.0, 1.0, 0.0, 0.0)
+
+
+def letterbox_geometry(width: int, height: int, out_w: int, out_h: int) -> tuple[int, int, int, int]:
+    """(resized width, resized height, left pad, top pad) for letterboxing a
+    width x height image into out_w x out_h, as Ultralytics' `LetterBox(center=True)`:
+    scale ``r = min(out_h / height, out_w / width)``, size ``round(width * r)`` x
+    ``round(height * r)``, centered; an odd leftover pixel goes right / bottom."""
+    r = min(out_h / height, out_w / width)
+    new_w = min(out_w, max(1, int(round(width * r))))
+    new_h = min(out_h, max(1, int(round(height * r))))
+    return new_w, new_h, (out_w - new_w) // 2, (out_h - new_h) // 2
+
+
+def letterbox_placement(width: int, height: int, out_w: int, out_h: int) -> Placement:
+    """The exact inverse of `letterbox`: the resize maps the original's [0, width] onto
+    [left, left + new_w], so the scale per axis is ``width / new_w`` (not 1 / r, which
+    differs by the rounding of the resized size)."""
+    new_w, new_h, left, top = letterbox_geometry(width, height, out_w, out_h)
+    return Placement(width / new_w, height / new_h, float(left), float(top))
+
+
+def letterbox(image: Image.Image, out_w: int, out_h: int) -> np.ndarray:
+    """Aspect-preserving resize into out_w x out_h, centered on gray (114) padding.
+
+    Returns uint8 [3, out_h, out_w]. The resize is OpenCV's ``INTER_LINEAR`` (bilinear,
+    half-pixel centers, no antialiasing), exactly what Ultralytics' LetterBox runs, so
+    an Ultralytics-trained model sees the pixels it was trained and validated on. The
+    geometry is `letterbox_geometry`; `letterbox_placement` inverts it."""
+    new_w, new_h, left, top = letterbox_geometry(image.width, image.height, out_w, out_h)
+    pixels = np.asarray(image, dtype=np.uint8)
+    if (new_w, new_h) != image.size:
+        pixels = cv2.resize(pixels, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    out = np.full((3, out_h, out_w), LETTERBOX_PAD, np.uint8)
+    out[:, top:top + new_h, left:left + new_w] = pixels.transpose(2, 0, 1)
+    return out
+
+
+def stretch_placement(width: int, height: int, out_w: int, out_h: int) -> Placement:
+    """The inverse of `resize_stretch`: a scale per axis, no offset."""
+    return Placement(width / out_w, height / out_h, 0.0, 0.0)
+
+
+def center_crop_placement(width: int, height: int, resize_size: int, crop_w: int, crop_h: int) -> Placement:
+    """The inverse of `resize_center_crop`: the crop starts at (left, top) of the image
+    resized to new_w x new_h, so the original's corner sits at (-left, -top)."""
+    new_w, new_h = resized_size_shorter_side(width, height, resize_size)
+    top = int(round((new_h - crop_h) / 2.0))
+    left = int(round((new_w - crop_w) / 2.0))
+    return Placement(width / new_w, height / new_h, float(-left), float(-top))
 
 
 def to_chw(image: Image.Image) -> np.ndarray:

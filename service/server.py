@@ -24,8 +24,8 @@ from grpc_status import rpc_status
 from . import metrics
 from ._proto import vision_pb2, vision_pb2_grpc
 from .dataplane import DataPlane
-from .errors import ConvserveError, InvalidArgument, NotFound, ResourceExhausted, Unimplemented
-from .pipelines import classification
+from .errors import ConvserveError, InvalidArgument, NotFound, ResourceExhausted, Unavailable, Unimplemented
+from .pipelines import classification, detection, generation
 from .pipelines.common import ImageInput
 from .settings import Settings
 from .auth import TokenStore
@@ -38,6 +38,11 @@ SERVICE_NAME = vision_pb2.DESCRIPTOR.services_by_name["Vision"].full_name
 READINESS = ""          # grpc.health.v1 service name for readiness (follows Triton)
 LIVENESS = "liveness"   # SERVING while the gateway's event loop answers
 REQUEST_ID_KEY = "x-request-id"
+# DetectStream: frames in flight per stream, the one being answered included (bounds a
+# stream's memory and its share of the gateway).
+STREAM_WINDOW = 4
+# How often a draining gateway checks whether its calls in flight have finished.
+DRAIN_POLL_S = 0.05
 
 
 # --------------------------------------------------------------------------- errors
@@ -63,6 +68,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         self._max_in_flight = max_in_flight
         self._tokens = tokens
         self.in_flight = 0
+        # Set by Gateway.stop: new calls are refused while the ones in flight finish.
+        self.draining = False
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -91,14 +98,15 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             images = len(getattr(request, "images", ()))
             metrics.REQUEST_BYTES.labels(method).observe(request.ByteSize())
             async with _Call(self, method, model, images, request_id, context) as call:
-                return await call.run(behavior(request, context))
+                # The handler's coroutine is made only once the call is admitted.
+                return await call.run(lambda: behavior(request, context))
         return wrapper
 
     def _wrap_stream(self, method, behavior):
         async def wrapper(request_iterator, context):
             request_id = _request_id(context)
             async with _Call(self, method, "", 0, request_id, context) as call:
-                async for response in call.iterate(behavior(request_iterator, context)):
+                async for response in call.iterate(behavior(call.watch(request_iterator), context)):
                     yield response
         return wrapper
 
@@ -119,7 +127,9 @@ class _Call:
         return self
 
     def _admit(self) -> None:
-        """Authentication first, then the in-flight bound."""
+        """Refused while draining; then authentication, then the in-flight bound."""
+        if self.interceptor.draining:
+            raise Unavailable("the gateway is shutting down; retry on another replica")
         tokens = self.interceptor._tokens
         if tokens is not None:
             tokens.check(self.context.invocation_metadata(), self.model)
@@ -146,14 +156,29 @@ class _Call:
             log.exception("unhandled error", extra={"request_id": self.request_id, "method": self.method})
             await self._abort(_INTERNAL)
 
-    async def run(self, awaitable):
+    async def run(self, make_awaitable):
         async with self._mapped_errors():
-            return await awaitable
+            return await make_awaitable()
 
     async def iterate(self, agen):
         async with self._mapped_errors():
             async for item in agen:
                 yield item
+
+    async def watch(self, requests):
+        """A stream's requests, each checked and counted as it arrives: the call was
+        admitted before any message named a model, so a model-scoped token is checked
+        against every message's model here; the first model names the call in metrics
+        and the log line, and images are summed over the stream."""
+        tokens = self.interceptor._tokens
+        async for request in requests:
+            model = getattr(request, "model", "")
+            if tokens is not None and model:
+                tokens.check(self.context.invocation_metadata(), model)
+            self.model = self.model or model
+            self.images += len(getattr(request, "images", ()))
+            metrics.REQUEST_BYTES.labels(self.method).observe(request.ByteSize())
+            yield request
 
     async def _abort(self, exc: ConvserveError):
         self.code, self.message = exc.code, exc.message
@@ -215,6 +240,41 @@ def _label(result) -> vision_pb2.Label:
     return vision_pb2.Label(index=result.index, name=result.name, score=result.score)
 
 
+def _discard(task: asyncio.Future | None) -> None:
+    """Cancel a frame nobody will answer; a finished one's error is marked as seen."""
+    if task is None:
+        return
+    if task.done():
+        if not task.cancelled():
+            task.exception()
+    else:
+        task.cancel()
+
+
+def _detect_options(request) -> dict:
+    return {"score_threshold": _optional(request, "score_threshold"),
+            "iou_threshold": _optional(request, "iou_threshold"),
+            "max_detections": _optional(request, "max_detections"),
+            "class_ids": list(request.class_ids)}
+
+
+def detections_to_proto(result) -> list[vision_pb2.Detection]:
+    """`pipelines.detection.Detections` (or anything with boxes/scores/labels/names)
+    as Detection messages, best first."""
+    return [vision_pb2.Detection(
+                box=vision_pb2.Box(x_min=x1, y_min=y1, x_max=x2, y_max=y2),
+                label=vision_pb2.Label(index=label, name=name, score=score))
+            for (x1, y1, x2, y2), score, label, name in zip(
+                result.boxes.tolist(), result.scores.tolist(), result.labels.tolist(), result.names)]
+
+
+def _detect_response(answer) -> vision_pb2.DetectResponse:
+    return vision_pb2.DetectResponse(
+        model=answer.model, model_version=answer.version,
+        results=[vision_pb2.Detections(detections=detections_to_proto(r), image_width=r.width,
+                                       image_height=r.height) for r in answer.results])
+
+
 def model_info(status, spec) -> vision_pb2.ModelInfo:
     info = vision_pb2.ModelInfo(name=status.name, versions=list(status.versions), ready=status.ready)
     if spec is not None:
@@ -244,7 +304,61 @@ class VisionServicer(vision_pb2_grpc.VisionServicer):
             results=[vision_pb2.Classification(labels=[_label(l) for l in labels])
                      for labels in answer.results])
 
-    # Detect and DetectStream: pipelines/detection.py (not implemented yet).
+    async def Detect(self, request, context):
+        answer = await self.plane.run(
+            detection.TASK, request.model, request.model_version, images_from_proto(request.images),
+            _detect_options(request), context.time_remaining())
+        return _detect_response(answer)
+
+    async def DetectStream(self, request_iterator, context):
+        """Each request is one frame (or several images), answered in request order.
+
+        Frames are pipelined: a reader task starts each frame as it arrives, so later
+        frames decode and infer while earlier ones are answered; at most `STREAM_WINDOW`
+        frames are in flight (a full window stops reading, so memory stays bounded).
+        Answers still leave in request order. An error ends the stream at its frame,
+        after the answers of the frames before it; INVALID_ARGUMENT names the frame:
+        ``frames[7].images[0].encoded`` is image 0 of the stream's eighth request
+        (counting from 0)."""
+        started: asyncio.Queue = asyncio.Queue()
+        slots = asyncio.Semaphore(STREAM_WINDOW)
+
+        async def read() -> None:
+            frame = 0
+            try:
+                async for request in request_iterator:
+                    await slots.acquire()
+                    started.put_nowait(asyncio.ensure_future(self._detect_frame(request, frame, context)))
+                    frame += 1
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # e.g. a token not allowed for this frame's model
+                failed = asyncio.get_running_loop().create_future()
+                failed.set_exception(exc)
+                started.put_nowait(failed)
+                return
+            started.put_nowait(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (task := await started.get()) is not None:
+                try:
+                    yield await task
+                finally:
+                    slots.release()
+        finally:
+            reader.cancel()
+            while not started.empty():
+                _discard(started.get_nowait())
+
+    async def _detect_frame(self, request, frame: int, context) -> vision_pb2.DetectResponse:
+        try:
+            answer = await self.plane.run(
+                detection.TASK, request.model, request.model_version, images_from_proto(request.images),
+                _detect_options(request), context.time_remaining())
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"frames[{frame}].{exc.field}", exc.description) from None
+        return _detect_response(answer)
 
     async def ListModels(self, request, context):
         models = await self.plane.list_models()
@@ -262,7 +376,16 @@ class VisionServicer(vision_pb2_grpc.VisionServicer):
 
     # ----------------------------------------------------------------------------
 
-    # Generate: pipelines/generation.py (not implemented yet).
+    async def Generate(self, request, context):
+        answer = await self.plane.run(
+            generation.TASK, request.model, request.model_version, images_from_proto(request.images),
+            {"output_format": request.output_format, "jpeg_quality": _optional(request, "jpeg_quality")},
+            context.time_remaining())
+        generation.check_answer_size(answer.results, self.plane.settings.max_receive_message_bytes)
+        return vision_pb2.GenerateResponse(
+            model=answer.model, model_version=answer.version,
+            results=[vision_pb2.GeneratedImage(image=r.image, mime_type=r.mime_type, width=r.width, height=r.height)
+                     for r in answer.results])
 
 
 # --------------------------------------------------------------------------- server
@@ -282,12 +405,10 @@ class Gateway:
         self.triton = TritonModels(settings.triton_url)
         self.plane = DataPlane(settings, self.triton)
         self.health = HealthServicer()
-        self.server = grpc.aio.server(
-            interceptors=[ErrorInterceptor(
-                self.triton, settings.max_in_flight,
-                TokenStore(settings.auth_tokens_file) if settings.auth_tokens_file else None)],
-            options=self._server_options(settings),
-        )
+        self.interceptor = ErrorInterceptor(
+            self.triton, settings.max_in_flight,
+            TokenStore(settings.auth_tokens_file) if settings.auth_tokens_file else None)
+        self.server = grpc.aio.server(interceptors=[self.interceptor], options=self._server_options(settings))
         vision_pb2_grpc.add_VisionServicer_to_server(VisionServicer(self.plane), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if settings.reflection:
@@ -353,13 +474,25 @@ class Gateway:
                 log.exception("triton readiness poll failed")
 
     async def stop(self, grace: float | None = None) -> None:
-        """Turn NOT_SERVING, stop taking calls and let the ones in flight finish."""
+        """Drain, then stop: turn NOT_SERVING, refuse new calls with UNAVAILABLE, let
+        the calls in flight finish (for at most `grace` seconds), then close the server.
+
+        The server keeps listening while it drains, so health checks see NOT_SERVING
+        (not a closed port) and clients get a clear UNAVAILABLE to retry elsewhere.
+        Calls still running when the grace time is over are cancelled."""
         self._draining = True
+        self.interceptor.draining = True
         grace = self.settings.drain_grace_s if grace is None else grace
         await self._set_health(READINESS, False)
         await self._set_health(SERVICE_NAME, False)
-        log.info("gateway draining", extra={"grace_s": grace})
-        await self.server.stop(grace)
+        in_flight = self.interceptor.in_flight
+        log.info("gateway draining", extra={"grace_s": grace, "in_flight": in_flight})
+        deadline = time.monotonic() + grace
+        while self.interceptor.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        log.info("gateway drained", extra={"in_flight": self.interceptor.in_flight,
+                                           "drain_s": round(grace - max(deadline - time.monotonic(), 0), 3)})
+        await self.server.stop(max(deadline - time.monotonic(), 0))
         if self._watch:
             self._watch.cancel()
         self.plane.close()

@@ -30,7 +30,11 @@ class Settings(BaseSettings):
     # connections re-balance over gateway pods when they scale.
     max_connection_age_s: float = Field(300.0, ge=0)
     # An image whose header claims more pixels than this is refused before decoding.
-    max_image_pixels: int = Field(40_000_000, ge=1)
+    # At most Pillow's own hard limit (2 x PIL.Image.MAX_IMAGE_PIXELS): it refuses more.
+    max_image_pixels: int = Field(40_000_000, ge=1, le=178_956_970)
+    # Encoded bytes per image, checked before decoding (the whole request is bounded
+    # by max_receive_message_bytes, which gRPC itself enforces).
+    max_image_bytes: int = Field(32 * MIB, ge=1024, le=1024 * MIB)
     # Seconds given to calls in flight after SIGTERM, before they are cancelled.
     drain_grace_s: float = Field(20.0, ge=0, le=600)
     # How often the gateway asks Triton whether it is ready (readiness health).
@@ -55,7 +59,7 @@ class Settings(BaseSettings):
     triton_startup_timeout_s: float = Field(300.0, gt=0)
     # The embedded Triton listens on loopback only: the gateway is its one client.
     triton_bind_address: str = "127.0.0.1"
-    default_models: str = "resnet18,rcnn,fast_rcnn"
+    default_models: str = "resnet18,yolo,cyclegan,rcnn,fast_rcnn"
 
     @field_validator("log_level")
     @classmethod

@@ -77,6 +77,7 @@ class TritonModels:
         )
         self._specs: dict[tuple[str, str], ModelSpec] = {}
         self._known: set[str] = set()
+        self._outputs: dict[tuple[str, ...], list[InferRequestedOutput]] = {}
 
     async def close(self) -> None:
         await self._client.close()
@@ -132,6 +133,15 @@ class TritonModels:
         return statuses
 
     # --- inference
+    def _requested_outputs(self, spec: ModelSpec) -> list[InferRequestedOutput]:
+        """The spec's outputs as binary-tensor requests, built once per spec (read-only
+        once built, so concurrent calls share them)."""
+        names = tuple(t.name for t in spec.outputs)
+        outputs = self._outputs.get(names)
+        if outputs is None:
+            outputs = self._outputs[names] = [InferRequestedOutput(name) for name in names]
+        return outputs
+
     async def infer(
         self,
         spec: ModelSpec,
@@ -149,13 +159,12 @@ class TritonModels:
             tensor = InferInput(name, list(array.shape), triton_datatype_name(array.dtype))
             tensor.set_data_from_numpy(array)
             infer_inputs.append(tensor)
-        outputs = [InferRequestedOutput(t.name) for t in spec.outputs]
         try:
             result = await self._client.infer(
                 spec.name,
                 infer_inputs,
                 model_version=version,
-                outputs=outputs,
+                outputs=self._requested_outputs(spec),
                 client_timeout=timeout_s,
                 timeout=int(timeout_s * 1e6) if timeout_s is not None else None,
             )

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from service import zoo  # noqa: F401  (installs the torchvision op shim)
-from service.pipelines.regions import (
-    DetectOptions, context_boxes, decode_deltas, fast_rcnn_scale, region_detections, warp_regions)
+from service.pipelines.detection import DetectOptions
+from service.pipelines.regions import context_boxes, decode_deltas, fast_rcnn_scale, region_detections, warp_regions
 from test_tvops import reference_roi_align
 
 import torchvision  # noqa: E402  (after the shim)

@@ -239,3 +239,80 @@ def test_registered_generators():
     assert pix2pix.input_size == (256, 256) and pix2pix.resize_mode == "stretch"
     assert pix2pix.options == {"batch_norm": "per_image"}
     assert cyclegan.resize_mode == "none" and cyclegan.options["size_multiple"] == "4"
+    # export hooks: pix2pix fixed at its input size, CycleGAN any size
+    assert not pix2pix.variable_input_size and cyclegan.variable_input_size
+    assert [t.dims for t in pix2pix.output_specs(0, 256, 256)] == [(3, 256, 256)]
+    assert [(t.name, t.dims) for t in cyclegan.output_specs(0, 256, 256)] == [("generated__0", (3, -1, -1))]
+
+
+# ------------------------------------------------------------------------ export
+def test_cyclegan_exports_any_size_to_onnx(tmp_path):
+    """`convserve export cyclegan --format onnx`: input and output [3, -1, -1]; the
+    file runs at sizes other than the one it was checked at, equal to eager."""
+    import onnxruntime as ort
+
+    from service.exporter import export_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = export_model("cyclegan", tmp_path, fmt="onnx", input_size=32, seed=4, max_batch_size=2)
+    spec = result.spec
+    assert result.name == "cyclegan_onnx" and spec.task == "generation" and spec.resize_mode == "none"
+    assert spec.image_input.dims == (3, -1, -1) and spec.image_input.dtype == np.uint8
+    assert [(t.name, t.dtype, t.dims) for t in spec.outputs] == [("generated__0", np.float32, (3, -1, -1))]
+    assert spec.options["max_side"] == str(gen.CYCLEGAN_MAX_SIDE) and spec.output_layout == "image_nchw_tanh"
+    torch.manual_seed(4)
+    eager = gen.ImageGenerator(gen.build_cyclegan()).eval()
+    session = ort.InferenceSession(str(result.path / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = uint8_images(1, 3, 24, 40, seed=9)
+    (got,) = session.run(["generated__0"], {"images__0": x.numpy()})
+    with torch.inference_mode():
+        np.testing.assert_allclose(got, eager(x).numpy(), rtol=ONNX_RTOL, atol=ONNX_ATOL)
+
+
+def small_generator(path, fmt):
+    """A float-input generator file (2 resnet blocks, 8 filters)."""
+    torch.manual_seed(0)
+    model = gen.ResnetGenerator(3, 3, 8, norm_layer=gen.get_norm_layer("instance"), n_blocks=2).eval()
+    if fmt == "torchscript":
+        torch.jit.save(torch.jit.script(model), str(path))
+    else:
+        torch.onnx.export(model, (torch.randn(1, 3, 32, 32),), str(path), input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, dynamo=False)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_from_file_generation(tmp_path, fmt):
+    from service.exporter import ExportError, export_from_file
+
+    source = small_generator(tmp_path / ("g.pt" if fmt == "torchscript" else "g.onnx"), fmt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = export_from_file(source, tmp_path / "repo", task="generation", name="mine", input_size=32,
+                                  labels_file=None)
+    spec = result.spec
+    assert spec.task == "generation" and spec.labels == () and spec.resize_mode == "stretch"
+    assert spec.mean == (0.5,) * 3 and spec.std == (0.5,) * 3 and not spec.normalize_in_model
+    assert spec.output_layout == "image_nchw_tanh" and spec.outputs[0].dims == (3, 32, 32)
+    assert (result.path / "1" / source.name.replace(source.stem, "model")).is_file()
+    other = export_from_file(source, tmp_path / "repo", task="generation", name="unit", input_size=32,
+                             labels_file=None, layout="image_nchw_01", mean=(0.0,) * 3, std=(1.0,) * 3)
+    assert other.spec.output_layout == "image_nchw_01" and other.spec.mean == (0.0,) * 3
+    with pytest.raises(ExportError, match="--layout for generation"):
+        export_from_file(source, tmp_path / "repo", task="generation", name="bad", input_size=32,
+                         labels_file=None, layout="logits")
+
+
+def test_from_file_generation_refuses_a_classifier(tmp_path):
+    from service.exporter import ExportError, export_from_file
+
+    torch.manual_seed(0)
+    classifier = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    source = tmp_path / "c.pt"
+    torch.jit.save(torch.jit.script(classifier), str(source))
+    with pytest.raises(ExportError, match=r"needs \[2, 3, 32, 32\]"):
+        export_from_file(source, tmp_path / "repo", task="generation", name="c", input_size=32, labels_file=None)
+    with pytest.raises(ExportError, match="needs --labels"):
+        export_from_file(source, tmp_path / "repo", task="classification", name="c", input_size=32,
+                         labels_file=None)

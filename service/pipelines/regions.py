@@ -1,5 +1,9 @@
 """R-CNN and Fast R-CNN: detection over selective search proposals (gateway side).
 
+The detection Task (`pipelines/detection.py`) hands the `rcnn_regions` and `fast_rcnn`
+layouts to `LAYOUTS` here, with its `DetectOptions`, and wraps what they return into
+its `Detections`; this module does not import it.
+
 Both layouts share the proposal step (`service.proposals`, timed as the `proposals`
 stage) and the decoding of their outputs:
 
@@ -26,8 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
-
+from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
@@ -37,7 +40,10 @@ from ..errors import InvalidArgument
 from ..imaging import Decoded, softmax
 from ..proposals import proposal_settings, selective_search
 from ..spec import ModelSpec
-from .common import Task, Tensors
+from .common import Tensors
+
+if TYPE_CHECKING:
+    from .detection import DetectOptions
 
 # torchvision's Fast/Faster R-CNN box coder: deltas are (dx, dy, dw, dh) scaled by these.
 BOX_CODER_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
@@ -51,17 +57,6 @@ PROPOSALS_KEY = "proposals"
 
 
 @dataclass(frozen=True)
-class DetectOptions:
-    """A Detect request's options, resolved against the model's defaults."""
-
-    score_threshold: float
-    iou_threshold: float
-    max_detections: int
-    class_ids: tuple[int, ...] = ()
-    class_agnostic: bool = False
-
-
-@dataclass(frozen=True)
 class Selected:
     """One image's detections, best first: boxes float32 [k, 4] (x1, y1, x2, y2,
     original pixels, clipped), scores float32 [k], labels int64 [k] (the model's class
@@ -70,33 +65,6 @@ class Selected:
     boxes: np.ndarray
     scores: np.ndarray
     labels: np.ndarray
-
-
-def _spec_float(spec: ModelSpec, key: str, default: float) -> float:
-    return float(spec.option(key, str(default)))
-
-
-def detect_options(request: dict[str, Any], spec: ModelSpec) -> DetectOptions:
-    """Request options, or the model's defaults when unset; out-of-range values are
-    INVALID_ARGUMENT naming the field."""
-    score = request.get("score_threshold")
-    iou = request.get("iou_threshold")
-    limit = request.get("max_detections")
-    score = _spec_float(spec, "score_threshold", 0.05) if score is None else float(score)
-    iou = _spec_float(spec, "iou_threshold", 0.5) if iou is None else float(iou)
-    limit = int(spec.option("max_detections", "100")) if limit is None else int(limit)
-    if not 0.0 <= score <= 1.0:
-        raise InvalidArgument("score_threshold", f"must be in [0, 1], got {score}")
-    if not 0.0 <= iou <= 1.0:
-        raise InvalidArgument("iou_threshold", f"must be in [0, 1], got {iou}")
-    if limit < 1:
-        raise InvalidArgument("max_detections", f"must be at least 1, got {limit}")
-    class_ids = tuple(int(c) for c in request.get("class_ids") or ())
-    bad = [c for c in class_ids if not 1 <= c < len(spec.labels)]
-    if bad:
-        raise InvalidArgument("class_ids", f"class {bad[0]} is not a class of {spec.name} "
-                                           f"(1..{len(spec.labels) - 1}; 0 is the background)")
-    return DetectOptions(score, iou, limit, class_ids)
 
 
 # ------------------------------------------------------------------ pure steps
@@ -237,28 +205,3 @@ class FastRCNN:
 
 LAYOUTS = {"rcnn_regions": RCNNRegions(), "fast_rcnn": FastRCNN()}
 
-
-class Regions(Task):
-    """Detection through the two region layouts (the detection Task dispatches to
-    `LAYOUTS` by the spec's output_layout)."""
-
-    tasks = ("detection",)
-
-    def _layout(self, spec: ModelSpec):
-        try:
-            return LAYOUTS[spec.output_layout]
-        except KeyError:
-            raise InvalidArgument("model", f"output layout {spec.output_layout!r} is not a region layout") from None
-
-    def options(self, request, spec):
-        self._layout(spec)
-        return detect_options(request, spec)
-
-    def preprocess(self, decoded, spec, options) -> Tensors:
-        return self._layout(spec).preprocess(decoded, spec, options)
-
-    def postprocess(self, outputs, spec, decoded, options):
-        return self._layout(spec).postprocess(outputs, spec, decoded, options)
-
-
-TASK = Regions()

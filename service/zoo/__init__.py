@@ -51,6 +51,12 @@ class Architecture:
     # Called with (model, state_dict) after a strict load fails, to allow known
     # differences (e.g. GoogLeNet's auxiliary heads); returns the dict to load.
     adapt_state_dict: Callable[[nn.Module, dict], dict] | None = None
+    # Spec options that follow the export input size: called with (height, width) of
+    # `input_size` (or --input-size), merged over `options` (e.g. a detector's min_size).
+    sized_options: Callable[[int, int], dict[str, str]] | None = None
+    # The state_dict key whose first dimension is the class count, when it is not the
+    # model's last weight (a detector's classification layer is not its last layer).
+    classes_key: str | None = None
     # Inputs after the image (e.g. Fast R-CNN's RoIs), given (the entry's options, input
     # height, input width); the exported module takes them after the images, in order.
     extra_inputs: Callable[[dict, int, int], tuple[TensorSpec, ...]] | None = None
@@ -106,4 +112,4 @@ class NormalizedModel(nn.Module):
         return self.model(self.normalize(images))
 
 
-from . import classification, generation, regions, segmentation  # noqa: E402,F401  (they register themselves)
+from . import classification, detection, generation, regions, segmentation, yolo  # noqa: E402,F401  (they register themselves)

@@ -15,10 +15,12 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..spec import TensorSpec
 from . import Architecture, Normalize, register
 
 # The official data pipeline maps pixels to [-1, 1]: (x / 255 - 0.5) / 0.5.
@@ -301,11 +303,22 @@ def build_pix2pix(num_classes: int = 0) -> nn.Module:
 
 GENERATION_OUTPUT = "generated__0"
 
+
+def _fixed_size_output(n_labels: int, height: int, width: int) -> tuple[TensorSpec, ...]:
+    """pix2pix: float32 [3, H, W] at its (fixed) input size."""
+    return (TensorSpec(GENERATION_OUTPUT, np.dtype(np.float32), (3, height, width)),)
+
+
+def _any_size_output(n_labels: int, height: int, width: int) -> tuple[TensorSpec, ...]:
+    """CycleGAN: float32 [3, -1, -1], the size of its (variable) input."""
+    return (TensorSpec(GENERATION_OUTPUT, np.dtype(np.float32), (3, -1, -1)),)
+
+
 register(Architecture(
     name="pix2pix", task="generation", build=build_pix2pix, wrap=_wrap, num_classes=0, labels_resource="",
     input_size=(PIX2PIX_SIZE, PIX2PIX_SIZE), resize_mode="stretch", mean=GAN_MEAN, std=GAN_STD,
     output_layout="image_nchw_tanh", output_names=(GENERATION_OUTPUT,),
-    options={BATCH_NORM_OPTION: "per_image"},
+    options={BATCH_NORM_OPTION: "per_image"}, output_specs=_fixed_size_output,
     adapt_state_dict=adapt_official_state_dict,
 ))
 register(Architecture(
@@ -316,5 +329,6 @@ register(Architecture(
     output_layout="image_nchw_tanh", output_names=(GENERATION_OUTPUT,),
     options={"size_multiple": str(CYCLEGAN_SIZE_MULTIPLE), "min_side": str(CYCLEGAN_MIN_SIDE),
              "max_side": str(CYCLEGAN_MAX_SIDE)},
+    output_specs=_any_size_output, variable_input_size=True,
     adapt_state_dict=adapt_official_state_dict,
 ))

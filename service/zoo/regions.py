@@ -144,7 +144,7 @@ register(Architecture(
     output_layout="rcnn_regions", input_name="regions__0", output_names=("class_logits__0", "box_deltas__0"),
     # 16 px of warped context around each proposal (R-CNN paper, appendix A).
     options={**_DETECT_OPTIONS, "context_padding": "16"},
-    output_specs=_region_outputs,
+    output_specs=_region_outputs, classes_key="cls_score.weight",
 ))
 
 register(Architecture(
@@ -156,5 +156,5 @@ register(Architecture(
     # at most max_side (the Fast R-CNN paper's single scale, 600 / 1000).
     options={**_DETECT_OPTIONS, "min_side": "600", "max_side": "1000"},
     output_specs=_fast_outputs, variable_input_size=True, extra_inputs=_fast_extra_inputs,
-    example_extra_inputs=_example_rois,
+    example_extra_inputs=_example_rois, classes_key="cls_score.weight",
 ))

@@ -115,7 +115,7 @@ def test_unknown_model_is_not_found(vision):
 
 def test_unimplemented_rpcs_say_so(vision):
     with pytest.raises(grpc.RpcError) as info:
-        vision.Generate(vision_pb2.GenerateRequest(model="resnet18"), timeout=30)
+        vision.Detect(vision_pb2.DetectRequest(model="resnet18"), timeout=30)
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 

@@ -1,0 +1,266 @@
+"""Detection pipeline: letterbox and its inverse against Ultralytics' own steps, layout
+decoding and the whole postprocess against slow per-box references, options."""
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.errors import InvalidArgument
+from service.imaging import (Decoded, center_crop_placement, letterbox, letterbox_geometry, letterbox_placement,
+                             resized_size_shorter_side, stretch_placement)
+from service.pipelines import detection
+from service.spec import ModelSpec, TensorSpec
+
+LABELS = tuple(f"c{i}" for i in range(6))
+
+
+# ------------------------------------------------------------------ references
+def ultralytics_letterbox(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """Ultralytics' LetterBox(auto=False, center=True) on an HWC array, transcribed."""
+    shape = img.shape[:2]
+    r = min(out_h / shape[0], out_w / shape[1])
+    new_unpad = int(round(shape[1] * r)), int(round(shape[0] * r))
+    dw, dh = (out_w - new_unpad[0]) / 2, (out_h - new_unpad[1]) / 2
+    if shape[::-1] != new_unpad:
+        img = cv2.resize(img, new_unpad, interpolation=cv2.INTER_LINEAR)
+    top, bottom = int(round(dh - 0.1)), int(round(dh + 0.1))
+    left, right = int(round(dw - 0.1)), int(round(dw + 0.1))
+    return cv2.copyMakeBorder(img, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(114, 114, 114))
+
+
+def slow_iou(a, b) -> float:
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def slow_detect(rows, conf, iou, max_det, classes=(), agnostic=False, objectness=False):
+    """One candidate per row (cx, cy, w, h, [obj,] class scores...): best class, score >
+    conf, class filter, greedy NMS in score order (ties by row), first max_det.
+    Returns [(row, class, score, [x1, y1, x2, y2])]."""
+    candidates = []
+    for a, row in enumerate(rows):
+        row = [float(v) for v in row]
+        cls = row[5:] if objectness else row[4:]
+        scores = [c * row[4] for c in cls] if objectness else cls
+        j = max(range(len(scores)), key=lambda k: (scores[k], -k))
+        s = scores[j]
+        if not s > conf or (classes and j not in classes):
+            continue
+        cx, cy, w, h = row[:4]
+        candidates.append((a, j, s, [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]))
+    candidates.sort(key=lambda c: (-c[2], c[0]))
+    kept = []
+    for c in candidates:
+        if all(not ((agnostic or k[1] == c[1]) and slow_iou(k[3], c[3]) > iou) for k in kept):
+            kept.append(c)
+    return kept[:max_det]
+
+
+def make_spec(layout="yolov8", size=(320, 256), resize_mode="letterbox", options=None, anchors=50):
+    h, w = size
+    if layout == "rcnn_candidates":
+        inputs = (TensorSpec("images__0", np.dtype(np.uint8), (3, -1, -1)),)
+        outputs = (TensorSpec("boxes__0", np.dtype(np.float32), (anchors, 4)),
+                   TensorSpec("scores__0", np.dtype(np.float32), (anchors,)),
+                   TensorSpec("labels__0", np.dtype(np.int64), (anchors,)),
+                   TensorSpec("count__0", np.dtype(np.int32), (1,)))
+        resize_mode = "none"
+    else:
+        inputs = (TensorSpec("images__0", np.dtype(np.uint8), (3, h, w)),)
+        dims = (4 + len(LABELS), anchors) if layout == "yolov8" else (anchors, 5 + len(LABELS))
+        outputs = (TensorSpec("predictions__0", np.dtype(np.float32), dims),)
+    return ModelSpec(name="det", task="detection", architecture="test", inputs=inputs, outputs=outputs,
+                     resize_mode=resize_mode, output_layout=layout, labels=LABELS, options=options or {})
+
+
+def random_rows(rng, n, w, h, objectness=False):
+    """n candidate rows in input pixels: clustered boxes so that NMS has work to do."""
+    centers = rng.uniform(0, [w, h], (6, 2))
+    pick = rng.integers(0, 6, n)
+    xy = centers[pick] + rng.normal(0, 6, (n, 2))
+    wh = rng.uniform(10, 80, (n, 2))
+    cls = rng.random((n, len(LABELS))) ** 3
+    parts = [xy, wh] + ([rng.random((n, 1))] if objectness else []) + [cls]
+    return np.concatenate(parts, 1).astype(np.float32)
+
+
+# -------------------------------------------------------------------- letterbox
+@pytest.mark.parametrize("size", [(240, 160), (160, 240), (101, 37), (640, 480), (320, 320), (7, 500)])
+@pytest.mark.parametrize("out", [(320, 320), (256, 320)])
+def test_letterbox_equals_ultralytics(size, out):
+    rng = np.random.default_rng(sum(size) + sum(out))
+    w, h = size
+    pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    out_h, out_w = out
+    got = letterbox(Image.fromarray(pixels), out_w, out_h)
+    np.testing.assert_array_equal(got, ultralytics_letterbox(pixels, out_h, out_w).transpose(2, 0, 1))
+
+
+@pytest.mark.parametrize("size", [(240, 160), (101, 37), (1000, 333), (7, 500)])
+def test_letterbox_placement_inverts_the_forward_map(size):
+    w, h = size
+    new_w, new_h, left, top = letterbox_geometry(w, h, 320, 256)
+    rng = np.random.default_rng(w)
+    original = np.concatenate([rng.uniform(0, w, (20, 1)), rng.uniform(0, h, (20, 1)),
+                               rng.uniform(0, w, (20, 1)), rng.uniform(0, h, (20, 1))], 1)
+    # Forward: the resize maps [0, w] onto [left, left + new_w] (pixel edges).
+    forward = original * np.array([new_w / w, new_h / h] * 2) + np.array([left, top] * 2)
+    back = letterbox_placement(w, h, 320, 256).to_original(forward.astype(np.float64))
+    np.testing.assert_allclose(back, original, rtol=0, atol=1e-9)
+    # Ultralytics' scale_boxes divides by r instead: within half an input pixel.
+    r = min(256 / h, 320 / w)
+    ultra = (forward - np.array([left, top] * 2)) / r
+    assert np.abs(ultra - back).max() <= 0.5 / r + 1e-9
+
+
+def test_letterbox_keeps_content_where_the_placement_says():
+    """A white rectangle on black comes back, through letterbox and the inverse, at
+    its own pixel edges within one original pixel."""
+    w, h, rect = 200, 120, (37, 21, 151, 88)
+    img = np.zeros((h, w, 3), np.uint8)
+    img[rect[1]:rect[3], rect[0]:rect[2]] = 255
+    chw = letterbox(Image.fromarray(img), 320, 320)
+    ys, xs = np.nonzero(chw.mean(0) > 127.5)
+    box = np.array([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], np.float64)
+    back = letterbox_placement(w, h, 320, 320).to_original(box)[0]
+    np.testing.assert_allclose(back, rect, atol=1.0)
+
+
+def test_stretch_and_center_crop_placements():
+    p = stretch_placement(200, 100, 50, 50)
+    np.testing.assert_allclose(p.to_original(np.array([[0, 0, 50, 50]], np.float32)), [[0, 0, 200, 100]])
+    # resize_center_crop: shorter side 100 -> 64 (the longer 200 -> 128), crop 56 centered.
+    p = center_crop_placement(200, 100, 64, 56, 56)
+    new_w, new_h = resized_size_shorter_side(200, 100, 64)
+    left, top = round((new_w - 56) / 2), round((new_h - 56) / 2)
+    crop = np.array([[0, 0, 56, 56]], np.float64)
+    np.testing.assert_allclose(p.to_original(crop)[0],
+                               [left * 200 / new_w, top * 100 / new_h, (left + 56) * 200 / new_w,
+                                (top + 56) * 100 / new_h])
+
+
+# --------------------------------------------------------------------- decoding
+@pytest.mark.parametrize("layout", ["yolov8", "yolov5"])
+@pytest.mark.parametrize("seed", range(4))
+def test_postprocess_equals_slow_reference(layout, seed):
+    rng = np.random.default_rng(seed)
+    v5 = layout == "yolov5"
+    spec = make_spec(layout, anchors=400)
+    rows = random_rows(rng, 400, spec.input_width, spec.input_height, objectness=v5)
+    out = rows[None] if v5 else rows.T[None]
+    classes = (1, 3) if seed % 2 else ()
+    options = detection.DetectOptions(score_threshold=0.3, iou_threshold=0.45, max_detections=25,
+                                      class_ids=classes, class_agnostic=seed == 2)
+    w, h = 500, 300
+    got = detection.postprocess({"predictions__0": out}, spec, Decoded(Image.new("RGB", (w, h))), options)
+    expected = slow_detect(rows, 0.3, 0.45, 25, classes, agnostic=seed == 2, objectness=v5)
+    assert len(expected) >= 5
+    assert got.labels.tolist() == [e[1] for e in expected]
+    np.testing.assert_allclose(got.scores, [e[2] for e in expected], rtol=1e-6)
+    assert got.names == tuple(LABELS[e[1]] for e in expected)
+    # Letterbox 500x300 into 256x320 (w x h): r = 256/500, resized 256x154, top pad 83.
+    new_w, new_h = round(w * 256 / 500), round(h * 256 / 500)
+    top = (320 - new_h) // 2
+    boxes = np.array([e[3] for e in expected])
+    mapped = (boxes - [0, top, 0, top]) * np.array([w / new_w, h / new_h] * 2)
+    mapped = np.clip(mapped, 0, [w, h, w, h])
+    np.testing.assert_allclose(got.boxes, mapped, atol=1e-3)
+    assert (got.width, got.height) == (w, h)
+
+
+def test_rcnn_candidates_use_only_the_counted_rows():
+    spec = make_spec("rcnn_candidates", anchors=6)
+    boxes = np.array([[10, 10, 50, 50], [12, 12, 50, 50], [100, 100, 150, 140], [0, 0, 5, 5],
+                      [1, 1, 2, 2], [1, 1, 2, 2]], np.float32)
+    outputs = {"boxes__0": boxes[None], "scores__0": np.array([[0.9, 0.8, 0.7, 0.6, 0.99, 0.99]], np.float32),
+               "labels__0": np.array([[1, 1, 2, 1, 3, 3]]), "count__0": np.array([[4]], np.int32)}
+    options = detection.resolve_options({}, spec)
+    got = detection.postprocess(outputs, spec, Decoded(Image.new("RGB", (120, 130))), options)
+    # Row 1 is suppressed by row 0 (IoU 0.9 > 0.5, same class); rows 4-5 are padding.
+    assert got.labels.tolist() == [1, 2, 1]
+    np.testing.assert_allclose(got.boxes, [[10, 10, 50, 50], [100, 100, 120, 130], [0, 0, 5, 5]])
+
+
+def test_rcnn_images_above_max_input_side_are_downscaled_and_mapped_back():
+    spec = make_spec("rcnn_candidates", options={"max_input_side": "100"})
+    decoded = Decoded(Image.new("RGB", (400, 200)))
+    assert detection.preprocess(decoded, spec).shape == (3, 50, 100)
+    where = detection.placement(spec, 400, 200)
+    np.testing.assert_allclose(where.to_original(np.array([[10, 5, 100, 50]], np.float32)), [[40, 20, 400, 200]])
+    small = make_spec("rcnn_candidates", options={"max_input_side": "1000"})
+    assert detection.preprocess(decoded, small).shape == (3, 200, 400)
+
+
+def test_no_candidates_gives_an_empty_answer():
+    spec = make_spec()
+    out = np.zeros((1, 4 + len(LABELS), 50), np.float32)
+    got = detection.postprocess({"predictions__0": out}, spec, Decoded(Image.new("RGB", (10, 10))),
+                                detection.resolve_options({}, spec))
+    assert got.boxes.shape == (0, 4) and got.scores.shape == (0,) and got.names == ()
+
+
+# ---------------------------------------------------------------------- options
+def test_options_default_to_the_models_then_the_pipelines():
+    spec = make_spec(options={"score_threshold": "0.25", "iou_threshold": "0.7", "max_detections": "300",
+                              "class_agnostic": "true"})
+    assert detection.resolve_options({}, spec) == detection.DetectOptions(0.25, 0.7, 300, (), True)
+    bare = detection.resolve_options({}, make_spec())
+    assert (bare.score_threshold, bare.iou_threshold, bare.max_detections, bare.class_agnostic) == (
+        detection.DEFAULT_SCORE_THRESHOLD, detection.DEFAULT_IOU_THRESHOLD, detection.DEFAULT_MAX_DETECTIONS, False)
+    got = detection.resolve_options({"score_threshold": 0.0, "iou_threshold": 1.0, "max_detections": 7,
+                                     "class_ids": [5, 0]}, spec)
+    assert (got.score_threshold, got.iou_threshold, got.max_detections, got.class_ids) == (0.0, 1.0, 7, (5, 0))
+
+
+@pytest.mark.parametrize("request_fields, field", [
+    ({"score_threshold": -0.01}, "score_threshold"),
+    ({"score_threshold": 1.5}, "score_threshold"),
+    ({"score_threshold": math.nan}, "score_threshold"),
+    ({"iou_threshold": 2.0}, "iou_threshold"),
+    ({"max_detections": 0}, "max_detections"),
+    ({"max_detections": detection.MAX_DETECTIONS_CAP + 1}, "max_detections"),
+    ({"class_ids": [0, 6]}, "class_ids[1]"),
+])
+def test_bad_options_name_their_field(request_fields, field):
+    with pytest.raises(InvalidArgument) as info:
+        detection.resolve_options(request_fields, make_spec())
+    assert info.value.field == field
+
+
+def test_unknown_layout_is_refused():
+    spec = make_spec().__class__(**{**make_spec().__dict__, "output_layout": "ssd"})
+    with pytest.raises(InvalidArgument, match="ssd"):
+        detection.decode({"predictions__0": np.zeros((1, 10, 50), np.float32)}, spec)
+
+
+def test_resize_mode_and_input_size_must_agree():
+    from service.errors import FailedPrecondition
+
+    fixed_none = make_spec(resize_mode="none")
+    with pytest.raises(FailedPrecondition, match="variable size"):
+        detection.preprocess(Decoded(Image.new("RGB", (20, 10))), fixed_none)
+
+
+@pytest.mark.parametrize("layout", ["yolov8", "yolov5"])
+def test_decode_rows_point_at_the_models_anchors(layout):
+    rng = np.random.default_rng(7)
+    v5 = layout == "yolov5"
+    spec = make_spec(layout, anchors=300)
+    rows = random_rows(rng, 300, 256, 320, objectness=v5)
+    out = {"predictions__0": rows[None] if v5 else rows.T[None]}
+    boxes, scores, labels, anchors = detection.decode(out, spec, 0.5)
+    all_boxes, all_scores, all_labels, all_anchors = detection.decode(out, spec)
+    np.testing.assert_array_equal(all_anchors, np.arange(300))
+    np.testing.assert_array_equal(anchors, np.flatnonzero(all_scores > 0.5))
+    np.testing.assert_array_equal(boxes, all_boxes[anchors])
+    np.testing.assert_array_equal(labels, all_labels[anchors])
+    cls = rows[:, 5:] * rows[:, 4:5] if v5 else rows[:, 4:]
+    np.testing.assert_array_equal(all_labels, [int(np.argmax(r)) for r in cls])
+    assert 0 < len(anchors) < 300
