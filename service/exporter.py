@@ -154,19 +154,21 @@ def compare(expected, got, what: str) -> float:
     return worst
 
 
-def to_torchscript(wrapped: torch.nn.Module, images: torch.Tensor, expected, path: Path) -> float:
+def to_torchscript(wrapped: torch.nn.Module, inputs: tuple[torch.Tensor, ...], expected, path: Path) -> float:
     scripted = torch.jit.script(wrapped)
     with torch.inference_mode():
-        diff = compare(expected, scripted(images), "TorchScript")
+        diff = compare(expected, scripted(*inputs), "TorchScript")
     torch.jit.save(scripted, str(path))
     reloaded = torch.jit.load(str(path))
     with torch.inference_mode():
-        return max(diff, compare(expected, reloaded(images), "reloaded TorchScript"))
+        return max(diff, compare(expected, reloaded(*inputs), "reloaded TorchScript"))
 
 
-def to_onnx(wrapped: torch.nn.Module, images: torch.Tensor, expected, path: Path, spec: ModelSpec) -> float:
+def to_onnx(wrapped: torch.nn.Module, inputs: tuple[torch.Tensor, ...], expected, path: Path,
+            spec: ModelSpec) -> float:
     import onnxruntime as ort
 
+    values = inputs
     inputs = [t.name for t in spec.inputs]
     outputs = [t.name for t in spec.outputs]
     dynamic = {name: {0: "batch"} for name in inputs + outputs}
@@ -175,14 +177,14 @@ def to_onnx(wrapped: torch.nn.Module, images: torch.Tensor, expected, path: Path
             if dim < 0:
                 dynamic[tensor.name][axis] = f"{tensor.name}_dim{axis}"
     with torch.inference_mode():
-        torch.onnx.export(wrapped, (images,), str(path), input_names=inputs, output_names=outputs,
+        torch.onnx.export(wrapped, tuple(values), str(path), input_names=inputs, output_names=outputs,
                           dynamic_axes=dynamic, opset_version=ONNX_OPSET, dynamo=False)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(outputs, {inputs[0]: images.numpy()})
+    got = session.run(outputs, {name: value.numpy() for name, value in zip(inputs, values)})
     return compare(expected, [torch.from_numpy(g) for g in got], "ONNX Runtime")
 
 
-def to_tensorrt(wrapped, images, expected, path: Path, spec: ModelSpec) -> float:
+def to_tensorrt(wrapped, inputs: tuple[torch.Tensor, ...], expected, path: Path, spec: ModelSpec) -> float:
     """Build a TensorRT plan from the ONNX export; needs the tensorrt package and a GPU."""
     try:
         import tensorrt as trt
@@ -192,7 +194,7 @@ def to_tensorrt(wrapped, images, expected, path: Path, spec: ModelSpec) -> float
     if not torch.cuda.is_available():
         raise ExportError("--format tensorrt needs an NVIDIA GPU: torch sees no CUDA device here")
     onnx_path = path.with_suffix(".onnx")
-    to_onnx(wrapped, images, expected, onnx_path, spec)
+    to_onnx(wrapped, inputs, expected, onnx_path, spec)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)
@@ -214,9 +216,10 @@ def to_tensorrt(wrapped, images, expected, path: Path, spec: ModelSpec) -> float
     onnx_path.unlink()
     engine = trt.Runtime(logger).deserialize_cuda_engine(bytes(plan))
     context = engine.create_execution_context()
-    device_in = images.cuda().contiguous()
-    context.set_input_shape(spec.inputs[0].name, tuple(device_in.shape))
-    context.set_tensor_address(spec.inputs[0].name, device_in.data_ptr())
+    device_inputs = [value.cuda().contiguous() for value in inputs]
+    for tensor, device_in in zip(spec.inputs, device_inputs):
+        context.set_input_shape(tensor.name, tuple(device_in.shape))
+        context.set_tensor_address(tensor.name, device_in.data_ptr())
     outs = []
     for tensor in spec.outputs:
         out = torch.empty(tuple(context.get_tensor_shape(tensor.name)), dtype=torch.float32, device="cuda")
@@ -228,21 +231,25 @@ def to_tensorrt(wrapped, images, expected, path: Path, spec: ModelSpec) -> float
     return compare(expected, [o.cpu() for o in outs], "TensorRT")
 
 
-def write_model_file(fmt: str, wrapped, images, expected, path: Path, spec: ModelSpec) -> float:
+def write_model_file(fmt: str, wrapped, inputs: tuple[torch.Tensor, ...], expected, path: Path,
+                     spec: ModelSpec) -> float:
+    """Write `wrapped` in `fmt` to `path`, checked against `expected` on `inputs` (the
+    example values of every spec input, in order)."""
     if fmt == "torchscript":
-        return to_torchscript(wrapped, images, expected, path)
+        return to_torchscript(wrapped, inputs, expected, path)
     if fmt == "onnx":
-        return to_onnx(wrapped, images, expected, path, spec)
+        return to_onnx(wrapped, inputs, expected, path, spec)
     if fmt == "tensorrt":
-        return to_tensorrt(wrapped, images, expected, path, spec)
+        return to_tensorrt(wrapped, inputs, expected, path, spec)
     raise ExportError(f"format must be torchscript, onnx or tensorrt, got {fmt!r}")
 
 
 # ------------------------------------------------------------------------ export
 def build_spec(arch: zoo.Architecture, name: str, labels: list[str], max_batch_size: int,
-               input_size: int | None = None) -> ModelSpec:
+               input_size: int | None = None, options: dict[str, str] | None = None) -> ModelSpec:
     """The spec of zoo architecture `arch` exported as entry `name`; the architecture's
-    hooks say what its outputs are and whether its input size is fixed."""
+    hooks say what its outputs and extra inputs are and whether its input size is
+    fixed. `options` override the architecture's default options."""
     height, width = arch.input_size
     resize_size = arch.resize_size
     if input_size is not None:
@@ -250,18 +257,21 @@ def build_spec(arch: zoo.Architecture, name: str, labels: list[str], max_batch_s
         if resize_size:
             resize_size = round(input_size * resize_size / height)
         height = width = input_size
+    options = {**arch.options, **(arch.sized_options(height, width) if arch.sized_options else {}),
+               **{k: str(v) for k, v in (options or {}).items()}}
     if arch.output_specs is None:
         outputs = (TensorSpec(arch.output_names[0], np.dtype(np.float32), (len(labels),)),)
     else:
         outputs = tuple(arch.output_specs(len(labels), height, width))
     in_dims = (3, -1, -1) if arch.variable_input_size else (3, height, width)
+    extra = tuple(arch.extra_inputs(options, height, width)) if arch.extra_inputs is not None else ()
     return ModelSpec(
         name=name, task=arch.task, architecture=arch.name,
-        inputs=(TensorSpec(arch.input_name, np.dtype(np.uint8), in_dims),),
+        inputs=(TensorSpec(arch.input_name, np.dtype(np.uint8), in_dims), *extra),
         outputs=outputs,
         max_batch_size=max_batch_size, resize_mode=arch.resize_mode, resize_size=resize_size,
         mean=arch.mean, std=arch.std, output_layout=arch.output_layout, labels=tuple(labels),
-        options={**arch.options, **(arch.sized_options(height, width) if arch.sized_options else {})},
+        options=options,
     )
 
 
@@ -284,8 +294,10 @@ def export_model(
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     max_queue_size: int = 0,
     seed: int = 0,
+    options: dict[str, str] | None = None,
 ) -> ExportResult:
-    """Export zoo architecture `arch_name` (+ checkpoint) as entry `name`, version `version`."""
+    """Export zoo architecture `arch_name` (+ checkpoint) as entry `name`, version `version`;
+    `options` override the architecture's spec options (e.g. ``{"proposals": "50"}``)."""
     arch = zoo.get(arch_name)
     if fmt not in NAME_SUFFIX:
         raise ExportError(f"format must be one of {', '.join(NAME_SUFFIX)}, got {fmt!r}")
@@ -294,7 +306,7 @@ def export_model(
     ckpt_classes = (checkpoint_num_classes(state, arch)
                     if state is not None and (arch.task == "classification" or arch.classes_key) else None)
     labels = resolve_labels(arch.labels_resource, arch.num_classes, labels_file, num_classes, ckpt_classes)
-    spec = build_spec(arch, name, labels, max_batch_size, input_size)
+    spec = build_spec(arch, name, labels, max_batch_size, input_size, options)
 
     torch.manual_seed(seed)
     model = arch.build(len(labels))
@@ -304,13 +316,15 @@ def export_model(
         warnings.warn(f"{arch.name}: no --weights given; exporting seeded random weights (seed {seed}). "
                       "Its answers are meaningless until you export a trained checkpoint.", stacklevel=2)
     wrapped = arch.wrap(model.eval(), spec).eval()
-    # Variable-size models are checked at their nominal size (or --input-size).
-    images = example_batch(spec, seed, size=arch.input_size if input_size is None else (input_size, input_size))
+    size = (spec.input_height, spec.input_width) if input_size is None else (input_size, input_size)
+    if arch.variable_input_size and input_size is None:
+        size = arch.input_size
+    inputs = example_inputs(spec, arch, seed, size=size)
     with torch.inference_mode():
-        expected = wrapped(images)
+        expected = wrapped(*inputs)
 
     def write(path: Path) -> float:
-        return write_model_file(fmt, wrapped, images, expected, path, spec)
+        return write_model_file(fmt, wrapped, inputs, expected, path, spec)
 
     path, diff = write_entry(repo, spec, fmt, version, write, version_policy=version_policy,
                              max_queue_size=max_queue_size)
@@ -323,6 +337,21 @@ def example_batch(spec: ModelSpec, seed: int, batch: int = 2, size: tuple[int, i
     generator = torch.Generator().manual_seed(seed)
     dims = tuple(d if d > 0 else fallback for d, fallback in zip(spec.image_input.dims, (3, *size)))
     return torch.randint(0, 256, (batch, *dims), generator=generator, dtype=torch.uint8)
+
+
+def example_inputs(spec: ModelSpec, arch: zoo.Architecture, seed: int, batch: int = 2,
+                   size: tuple[int, int] = (64, 64)) -> tuple[torch.Tensor, ...]:
+    """Example values of every input of `spec`, in order: `example_batch` images, then
+    the architecture's extra inputs (its own example values, or uniform [0, 1))."""
+    images = example_batch(spec, seed, batch, size)
+    extra = spec.inputs[1:]
+    if not extra:
+        return (images,)
+    generator = torch.Generator().manual_seed(seed + 1)
+    if arch.example_extra_inputs is not None:
+        return (images, *arch.example_extra_inputs(spec, batch, *images.shape[2:], generator))
+    return (images, *(torch.rand((batch, *t.dims), generator=generator).to(getattr(torch, t.dtype.name))
+                      for t in extra))
 
 
 def write_entry(repo: Path, spec: ModelSpec, fmt: str, version: int, write_model: Callable[[Path], float],

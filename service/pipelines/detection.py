@@ -19,6 +19,9 @@ Output layouts (`spec.output_layout`):
   ``rcnn_candidates`` ``boxes__0`` [K, 4] (x1, y1, x2, y2, input pixels), ``scores__0``
                       [K], ``labels__0`` [K] int64, ``count__0`` [1] valid rows (the rest
                       is padding): per-class candidates before NMS (Faster/Mask R-CNN).
+  ``rcnn_regions``,   R-CNN and Fast R-CNN over selective search proposals: their own
+  ``fast_rcnn``       preprocess and decoding (`pipelines/regions.py`), then steps 2-5,
+                      in original pixels.
 
 All numpy, vectorized: no loop over candidates or boxes.
 """
@@ -34,8 +37,9 @@ from ..imaging import (IDENTITY, Decoded, Placement, center_crop_placement, lett
                        resize_center_crop, resize_stretch, stretch_placement, to_chw)
 from ..spec import ModelSpec
 from .common import Task, Tensors
+from .regions import LAYOUTS as REGION_LAYOUTS
 
-LAYOUTS = ("yolov8", "yolov5", "rcnn_candidates")
+LAYOUTS = ("yolov8", "yolov5", "rcnn_candidates", *REGION_LAYOUTS)
 # Defaults when neither the request nor the model's spec options say otherwise
 # (torchvision's RoIHeads defaults).
 DEFAULT_SCORE_THRESHOLD = 0.05
@@ -250,9 +254,17 @@ class Detection(Task):
         return resolve_options(request, spec)
 
     def preprocess(self, decoded, spec, options) -> Tensors:
+        region = REGION_LAYOUTS.get(spec.output_layout)
+        if region is not None:  # R-CNN / Fast R-CNN: proposals, then warp or scale
+            return region.preprocess(decoded, spec, options)
         return {spec.image_input.name: preprocess(decoded, spec)[None]}
 
     def postprocess(self, outputs, spec, decoded, options):
+        region = REGION_LAYOUTS.get(spec.output_layout)
+        if region is not None:
+            kept = region.postprocess(outputs, spec, decoded, options)
+            return Detections(kept.boxes, kept.scores, kept.labels, label_names(spec, kept.labels),
+                              decoded.width, decoded.height)
         return postprocess(outputs, spec, decoded, options)
 
 
