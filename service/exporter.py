@@ -481,9 +481,9 @@ def _semantic_segmentation_outputs(outputs: list[tuple[str, np.ndarray]], labels
 
 # The rcnn_candidates contract (see service/pipelines/segmentation.py): output names in
 # order, with their dtypes and per-image shapes (K candidates, M x M masks).
-RCNN_CANDIDATES = (("boxes__0", np.float32, ("K", 4)), ("scores__0", np.float32, ("K",)),
-                   ("labels__0", np.int64, ("K",)), ("count__0", np.int32, (1,)),
-                   ("masks__0", np.float32, ("K", "M", "M")))
+RCNN_CANDIDATES = (("boxes__0", np.float32, ("K", 4)), ("scores__1", np.float32, ("K",)),
+                   ("labels__2", np.int64, ("K",)), ("count__3", np.int32, (1,)),
+                   ("masks__4", np.float32, ("K", "M", "M")))
 
 
 def _instance_segmentation_outputs(outputs: list[tuple[str, np.ndarray]], labels: list[str], input_size: int,
@@ -494,8 +494,8 @@ def _instance_segmentation_outputs(outputs: list[tuple[str, np.ndarray]], labels
     boxes [K, 4] float32 (x1, y1, x2, y2, input pixels), scores [K] float32, labels [K]
     int64 (indices into the labels file), count [1] int32 (valid rows; the rest is
     zero padding) and masks [K, M, M] float32 (each candidate's own class's mask
-    probabilities). ONNX files name these outputs boxes__0, scores__0, labels__0,
-    count__0, masks__0; TorchScript files return them as a tuple in that order."""
+    probabilities). ONNX files name these outputs boxes__0, scores__1, labels__2,
+    count__3, masks__4; TorchScript files return them as a tuple in that order."""
     if layout not in (None, "rcnn_candidates"):
         raise ExportError(f"--layout for instance_segmentation is rcnn_candidates, got {layout!r}")
     by_name = dict(outputs)

@@ -44,7 +44,7 @@ def export(repo: Path, root: Path, checkpoints: dict) -> None:
 # a small TorchScript module that follows the rcnn_candidates contract, with candidates
 # that depend on the image.
 CANDIDATES = 24
-PADDING_ROWS = 4  # rows past count__0, zero-filled, that the gateway must ignore
+PADDING_ROWS = 4  # rows past count__3, zero-filled, that the gateway must ignore
 MASK_SIZE = 28
 
 

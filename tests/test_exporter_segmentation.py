@@ -90,8 +90,8 @@ def test_from_file_instance_torchscript(tmp_path):
     assert spec.image_input.dtype == np.uint8 and spec.image_input.dims == (3, -1, -1)
     assert spec.resize_mode == "none" and spec.output_layout == "rcnn_candidates" and spec.max_batch_size == 1
     assert [(t.name, t.dtype, t.dims) for t in spec.outputs] == [
-        ("boxes__0", np.float32, (6, 4)), ("scores__0", np.float32, (6,)), ("labels__0", np.int64, (6,)),
-        ("count__0", np.int32, (1,)), ("masks__0", np.float32, (6, 28, 28))]
+        ("boxes__0", np.float32, (6, 4)), ("scores__1", np.float32, (6,)), ("labels__2", np.int64, (6,)),
+        ("count__3", np.int32, (1,)), ("masks__4", np.float32, (6, 28, 28))]
     assert spec.option("max_candidates") == "6"
     # The spec round-trips through the Triton config the gateway reads.
     from google.protobuf import text_format
@@ -103,7 +103,7 @@ def test_from_file_instance_torchscript(tmp_path):
 
 def test_from_file_instance_onnx_names(tmp_path):
     source = tmp_path / "rcnn.onnx"
-    names = ["boxes__0", "scores__0", "labels__0", "count__0", "masks__0"]
+    names = ["boxes__0", "scores__1", "labels__2", "count__3", "masks__4"]
     torch.onnx.export(Candidates(), (torch.zeros(1, 3, 40, 50, dtype=torch.uint8),), str(source),
                       input_names=["images__0"], output_names=names,
                       dynamic_axes={"images__0": {0: "n", 2: "h", 3: "w"}}, dynamo=False)
@@ -115,7 +115,7 @@ def test_from_file_instance_onnx_names(tmp_path):
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: Candidates(label_dtype=torch.int32), "labels__0 is int32"),
+    (lambda: Candidates(label_dtype=torch.int32), "labels__2 is int32"),
     (lambda: nn.Identity(), "rcnn_candidates contract"),  # one output, not five
 ])
 def test_from_file_instance_refuses_what_breaks_the_contract(tmp_path, make, message):

@@ -47,10 +47,10 @@ def instance_spec(**options) -> ModelSpec:
         name="maskrcnn", task="instance_segmentation", architecture="maskrcnn_resnet50_fpn",
         inputs=(TensorSpec("images__0", np.dtype(np.uint8), (3, -1, -1)),),
         outputs=(TensorSpec("boxes__0", np.dtype(np.float32), (K, 4)),
-                 TensorSpec("scores__0", np.dtype(np.float32), (K,)),
-                 TensorSpec("labels__0", np.dtype(np.int64), (K,)),
-                 TensorSpec("count__0", np.dtype(np.int32), (1,)),
-                 TensorSpec("masks__0", np.dtype(np.float32), (K, M, M))),
+                 TensorSpec("scores__1", np.dtype(np.float32), (K,)),
+                 TensorSpec("labels__2", np.dtype(np.int64), (K,)),
+                 TensorSpec("count__3", np.dtype(np.int32), (1,)),
+                 TensorSpec("masks__4", np.dtype(np.float32), (K, M, M))),
         resize_mode="none", output_layout="rcnn_candidates", labels=COCO, options=options)
 
 
@@ -143,7 +143,7 @@ def test_options_default_from_spec_then_constants():
 def test_instance_models_must_follow_the_candidates_layout():
     spec = instance_spec()
     broken = ModelSpec(**{**spec.__dict__, "outputs": spec.outputs[:3]})
-    with pytest.raises(FailedPrecondition, match="count__0"):
+    with pytest.raises(FailedPrecondition, match="count__3"):
         seg.TASK.options({}, broken)
 
 
@@ -165,10 +165,10 @@ def candidates(rng, height, width, count):
     pad = K - count
     return {
         "boxes__0": np.concatenate([boxes, np.zeros((pad, 4), np.float32)])[None],
-        "scores__0": np.concatenate([scores, np.zeros(pad, np.float32)])[None],
-        "labels__0": np.concatenate([labels, np.zeros(pad, np.int64)])[None],
-        "count__0": np.array([[count]], np.int32),
-        "masks__0": np.concatenate([probs, np.zeros((pad, M, M), np.float32)])[None],
+        "scores__1": np.concatenate([scores, np.zeros(pad, np.float32)])[None],
+        "labels__2": np.concatenate([labels, np.zeros(pad, np.int64)])[None],
+        "count__3": np.array([[count]], np.int32),
+        "masks__4": np.concatenate([probs, np.zeros((pad, M, M), np.float32)])[None],
     }
 
 
@@ -176,11 +176,11 @@ def reference_instances(torch_ops, outputs, height, width, score_threshold, iou_
     """torchvision's steps: valid rows, score > threshold, batched_nms, top N, then
     paste_masks_in_image > 0.5 and pycocotools' RLE of each full-image mask."""
     torch, _, batched_nms, paste_masks_in_image = torch_ops
-    n = int(outputs["count__0"][0, 0])
+    n = int(outputs["count__3"][0, 0])
     boxes = torch.from_numpy(outputs["boxes__0"][0, :n])
-    scores = torch.from_numpy(outputs["scores__0"][0, :n])
-    labels = torch.from_numpy(outputs["labels__0"][0, :n])
-    probs = torch.from_numpy(outputs["masks__0"][0, :n])
+    scores = torch.from_numpy(outputs["scores__1"][0, :n])
+    labels = torch.from_numpy(outputs["labels__2"][0, :n])
+    probs = torch.from_numpy(outputs["masks__4"][0, :n])
     keep = torch.where(scores > score_threshold)[0]
     boxes, scores, labels, probs = boxes[keep], scores[keep], labels[keep], probs[keep]
     keep = batched_nms(boxes, scores, labels, iou_threshold)[:max_detections]
@@ -244,10 +244,10 @@ def test_no_valid_candidates_gives_no_instances():
 def test_boxes_are_clipped_but_masks_use_the_models_boxes():
     outputs = candidates(np.random.default_rng(8), 50, 60, count=1)
     outputs["boxes__0"][0, 0] = [-5.5, 10.0, 70.25, 49.0]
-    outputs["scores__0"][0, 0] = 0.9
+    outputs["scores__1"][0, 0] = 0.9
     result = seg.instance_result(outputs, instance_spec(), 60, 50, seg.InstanceOptions(0.05, 0.5, 100, "rle"))
     assert result.instances[0].box == (0.0, 10.0, 60.0, 49.0)
-    expected = masks.paste_masks(outputs["masks__0"][0, :1], outputs["boxes__0"][0, :1], 50, 60)[0]
+    expected = masks.paste_masks(outputs["masks__4"][0, :1], outputs["boxes__0"][0, :1], 50, 60)[0]
     np.testing.assert_array_equal(masks.decode_rle(50, 60, result.instances[0].rle), expected)
 
 

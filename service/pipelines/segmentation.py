@@ -20,10 +20,10 @@ the upright image as it is (uint8 [3, H, W]; it resizes and normalizes itself) a
 returns per-class candidates before the final NMS, best first:
 
     boxes__0  float32 [K, 4]   (x1, y1, x2, y2) in input (= original) pixels
-    scores__0 float32 [K]
-    labels__0 int64   [K]      the model's class index (COCO: 91 entries)
-    count__0  int32   [1]      valid rows; rows past it are zero padding
-    masks__0  float32 [K, 28, 28]  mask probabilities of each candidate's own class
+    scores__1 float32 [K]
+    labels__2 int64   [K]      the model's class index (COCO: 91 entries)
+    count__3  int32   [1]      valid rows; rows past it are zero padding
+    masks__4  float32 [K, 28, 28]  mask probabilities of each candidate's own class
 
 The gateway keeps the valid rows, selects with `boxes.select_detections` (score >
 threshold, class-aware NMS, top N), then pastes ONLY the kept masks into the original
@@ -54,7 +54,7 @@ from .common import Task, Tensors
 SEMANTIC_LAYOUT = "logits_nchw"
 INSTANCE_LAYOUT = "rcnn_candidates"
 # The rcnn_candidates contract's output names.
-BOXES, SCORES, LABELS, COUNT, MASKS = "boxes__0", "scores__0", "labels__0", "count__0", "masks__0"
+BOXES, SCORES, LABELS, COUNT, MASKS = "boxes__0", "scores__1", "labels__2", "count__3", "masks__4"
 INSTANCE_OUTPUTS = (BOXES, SCORES, LABELS, COUNT, MASKS)
 # Defaults when neither the request nor the model's spec options set them: torchvision
 # Mask R-CNN's `box_score_thresh`, `box_nms_thresh` and `box_detections_per_img`.

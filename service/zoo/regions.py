@@ -106,18 +106,18 @@ class FastRCNNExport(nn.Module):
 
 def _region_outputs(n_labels: int, height: int, width: int) -> tuple[TensorSpec, ...]:
     f32 = np.dtype(np.float32)
-    return (TensorSpec("class_logits__0", f32, (n_labels,)), TensorSpec("box_deltas__0", f32, (4 * n_labels,)))
+    return (TensorSpec("class_logits__0", f32, (n_labels,)), TensorSpec("box_deltas__1", f32, (4 * n_labels,)))
 
 
 def _fast_outputs(n_labels: int, height: int, width: int) -> tuple[TensorSpec, ...]:
-    # One row per RoI: the RoI count is the entry's `proposals` option (rois__0's dim).
+    # One row per RoI: the RoI count is the entry's `proposals` option (rois__1's dim).
     f32 = np.dtype(np.float32)
-    return (TensorSpec("class_logits__0", f32, (-1, n_labels)), TensorSpec("box_deltas__0", f32, (-1, 4 * n_labels)))
+    return (TensorSpec("class_logits__0", f32, (-1, n_labels)), TensorSpec("box_deltas__1", f32, (-1, 4 * n_labels)))
 
 
 def _fast_extra_inputs(options: dict, height: int, width: int) -> tuple[TensorSpec, ...]:
     count = int(options.get("proposals", DEFAULT_PROPOSALS))
-    return (TensorSpec("rois__0", np.dtype(np.float32), (count, 4)),)
+    return (TensorSpec("rois__1", np.dtype(np.float32), (count, 4)),)
 
 
 def _example_rois(spec, batch: int, height: int, width: int, generator: torch.Generator) -> tuple[torch.Tensor]:
@@ -141,7 +141,7 @@ register(Architecture(
     name="rcnn", task="detection", build=_build,
     wrap=lambda model, spec: RCNNExport(model, spec.mean, spec.std),
     num_classes=21, labels_resource="voc_classes.txt", input_size=(224, 224), resize_mode="stretch",
-    output_layout="rcnn_regions", input_name="regions__0", output_names=("class_logits__0", "box_deltas__0"),
+    output_layout="rcnn_regions", input_name="regions__0", output_names=("class_logits__0", "box_deltas__1"),
     # 16 px of warped context around each proposal (R-CNN paper, appendix A).
     options={**_DETECT_OPTIONS, "context_padding": "16"},
     output_specs=_region_outputs, classes_key="cls_score.weight",
@@ -151,7 +151,7 @@ register(Architecture(
     name="fast_rcnn", task="detection", build=_build,
     wrap=lambda model, spec: FastRCNNExport(model, spec.mean, spec.std),
     num_classes=21, labels_resource="voc_classes.txt", input_size=(600, 600), resize_mode="none",
-    output_layout="fast_rcnn", input_name="images__0", output_names=("class_logits__0", "box_deltas__0"),
+    output_layout="fast_rcnn", input_name="images__0", output_names=("class_logits__0", "box_deltas__1"),
     # The gateway scales each image so its shorter side is min_side, its longer side
     # at most max_side (the Fast R-CNN paper's single scale, 600 / 1000).
     options={**_DETECT_OPTIONS, "min_side": "600", "max_side": "1000"},

@@ -101,7 +101,7 @@ def test_fast_rcnn_equals_eager_plus_torchvision_postprocessing(stack, vision):
         proposals = tensors["proposals"]
         assert min(tensors["images__0"].shape[2:]) == int(FAST_OPTIONS["min_side"])
         with torch.inference_mode():
-            logits, deltas = model(torch.from_numpy(tensors["images__0"]), torch.from_numpy(tensors["rois__0"]))
+            logits, deltas = model(torch.from_numpy(tensors["images__0"]), torch.from_numpy(tensors["rois__1"]))
         k = len(proposals)
         # The eager model on the padded RoIs; padding rows dropped, as the gateway does.
         check(result, reference_detections(logits[0, :k], deltas[0, :k], proposals, decoded.width, decoded.height),
