@@ -5,8 +5,9 @@
 Times, on the same random 28x28 mask probabilities and boxes (one run, median of
 repeats), the gateway's `service.masks` against torchvision's `paste_masks_in_image`
 and pycocotools' `encode`, and prints each beside Mask R-CNN's own forward pass (eager
-torchvision `maskrcnn_resnet50_fpn`, random weights, one image). The goal: the
-gateway's postprocessing stays under 20% of the model's time.
+torchvision `maskrcnn_resnet50_fpn`, random weights, one image) and beside its dense
+part alone, the lower bound used for the share. The goal: the gateway's
+postprocessing stays under 20% of the model's time.
 """
 from __future__ import annotations
 
@@ -50,11 +51,12 @@ def timed(fn, repeats):
 
 
 def model_forward_s(height, width, instances):
-    """(seconds, what was timed): the eager forward of one image, or, while the
-    torchvision op kernels (nms, roi_align) are not registered on this CPU build, its
-    dense part alone (transform, ResNet-50-FPN backbone, RPN head, and the mask head on
-    `instances` RoIs): a lower bound of the model's time, so the ratio printed is an
-    upper bound of postprocessing's share."""
+    """[(what, seconds)]: Mask R-CNN's eager forward of one image (random weights, so its
+    RPN keeps its full 1000 proposals and the NMS/RoIAlign shims run at full load), and
+    its dense part alone (transform, ResNet-50-FPN backbone, RPN head, and the mask head
+    on `instances` RoIs): a lower bound of any Mask R-CNN forward at this size, so the
+    share printed against it is an upper bound of postprocessing's share. The full
+    forward is skipped where the torchvision op kernels are missing."""
     import torch
 
     from service import tvshim
@@ -76,16 +78,18 @@ def model_forward_s(height, width, instances):
         roi_features = torch.rand(instances, model.backbone.out_channels, 14, 14)
         model.roi_heads.mask_predictor(model.roi_heads.mask_head(roi_features))
 
+    timings = []
     with torch.inference_mode():
-        try:
-            full()
-            fn, what = full, "maskrcnn_resnet50_fpn eager forward"
-        except (NotImplementedError, RuntimeError):
-            dense()
-            fn, what = dense, "maskrcnn dense part (no nms/roi_align kernels)"
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start, what
+        for what, fn in (("maskrcnn_resnet50_fpn eager forward", full),
+                         ("maskrcnn dense part (backbone, RPN head, mask head)", dense)):
+            try:
+                fn()
+            except (NotImplementedError, RuntimeError):
+                continue
+            start = time.perf_counter()
+            fn()
+            timings.append((what, time.perf_counter() - start))
+    return timings
 
 
 def main(argv=None):
@@ -129,7 +133,8 @@ def main(argv=None):
     ]
     results = [(name, timed(fn, args.repeats)) for name, fn in rows]
     reference = dict(results)["torchvision paste + pycocotools encode"]
-    model_s, model_what = (None, "") if args.no_model else model_forward_s(h, w, n)
+    timings = [] if args.no_model else model_forward_s(h, w, n)
+    model_s = min(seconds for _, seconds in timings) if timings else None  # the conservative one
 
     print(f"{n} instances, {w}x{h} image, {MASK_SIZE}x{MASK_SIZE} masks; median of {args.repeats} "
           f"(torch threads: {torch.get_num_threads()})")
@@ -143,12 +148,13 @@ def main(argv=None):
         if model_s:
             line += f" {seconds / model_s:>8.1%}"
         print(line)
+    for what, seconds in timings:
+        print(f"{what + ' (1 image)':<55} {seconds * 1e3:>9.1f}")
     if model_s:
-        print(f"{model_what + ' (1 image)':<55} {model_s * 1e3:>9.1f}")
         ours = dict(results)["service.masks.paste_and_encode (RLE, no full masks)"]
         verdict = "within" if ours <= BUDGET_SHARE * model_s else "OVER"
-        print(f"gateway mask postprocessing = {ours / model_s:.1%} of model time: {verdict} the "
-              f"{BUDGET_SHARE:.0%} budget")
+        print(f"gateway mask postprocessing = {ours / model_s:.1%} of the model's dense part (the lower bound "
+              f"of its time): {verdict} the {BUDGET_SHARE:.0%} budget")
 
 
 if __name__ == "__main__":

@@ -51,13 +51,26 @@ def cmd_export(args) -> int:
             result = export_model(
                 args.architecture, settings.model_repository, name=args.name, weights=args.weights,
                 labels_file=args.labels, num_classes=args.num_classes, fmt=args.format,
-                input_size=args.input_size, seed=args.seed, **common)
+                input_size=args.input_size, seed=args.seed, options=_parse_options(args.option), **common)
     except (ExportError, ValueError) as exc:
         print(f"convserve export: error: {exc}", file=sys.stderr)
         return 2
     print(f"exported {result.name} version {result.version} to {result.path} "
           f"(max abs diff against eager {result.max_abs_diff:.2e})")
     return 0
+
+
+def _parse_options(items: list[str] | None) -> dict[str, str]:
+    """`--option KEY=VALUE` flags -> spec options (they override the architecture's)."""
+    from .exporter import ExportError
+
+    options = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ExportError(f"--option takes KEY=VALUE, got {item!r}")
+        options[key.strip()] = value.strip()
+    return options
 
 
 def is_empty_repository(repo: Path) -> bool:
@@ -218,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue-size", type=int, default=0,
                    help="Triton refuses requests past this queue length (0: unbounded)")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights when --weights is absent")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="model option stored in the spec, e.g. proposals=100 (repeatable)")
     p.add_argument("--from-file", type=Path, help="an exported TorchScript .pt or .onnx file to add as it is")
     p.add_argument("--task", help="with --from-file: the model's task (classification, detection, "
                    "semantic_segmentation, instance_segmentation, generation)")
@@ -250,9 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--server", default="localhost:50051")
     p.add_argument("--top-k", type=int)
-    p.add_argument("--score-threshold", type=float, help="detection: keep scores above this")
-    p.add_argument("--iou-threshold", type=float, help="detection: NMS suppresses above this IoU")
-    p.add_argument("--max-detections", type=int, help="detection: at most this many per image")
+    p.add_argument("--mask-format", choices=("rle", "png"), help="instance segmentation: how masks come back")
+    p.add_argument("--score-threshold", type=float, help="detection and instance segmentation: keep scores above this")
+    p.add_argument("--iou-threshold", type=float, help="detection and instance segmentation: NMS suppresses above this IoU")
+    p.add_argument("--max-detections", type=int, help="detection and instance segmentation: at most this many per image")
     p.add_argument("--class-ids", type=int, nargs="+", help="detection: only these class indices")
     p.add_argument("--model-version", default="")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -121,10 +121,84 @@ def generate(stub, args, images) -> int:
     return 0
 
 
+def _mask(mask, height: int, width: int):
+    """bool [H, W] from a Mask message (RLE or PNG)."""
+    import io
+
+    import numpy as np
+
+    from .masks import decode_rle
+
+    if mask.WhichOneof("encoding") == "png":
+        return np.asarray(Image.open(io.BytesIO(mask.png))).astype(bool)
+    return decode_rle(mask.rle.height, mask.rle.width, mask.rle.counts)
+
+
+_MASK_FORMATS = {None: vision_pb2.MASK_FORMAT_UNSPECIFIED, "rle": vision_pb2.MASK_FORMAT_RLE,
+                 "png": vision_pb2.MASK_FORMAT_PNG}
+
+
+def segment(stub, args, images) -> int:
+    """Semantic models: classes present with their pixel counts; instance models: each
+    instance's label, score, box and mask area. --out: the label map or masks in colour."""
+    request = vision_pb2.SegmentRequest(model=args.model, images=images, model_version=args.model_version,
+                                        mask_format=_MASK_FORMATS[getattr(args, "mask_format", None)])
+    for field in ("score_threshold", "iou_threshold", "max_detections"):
+        if getattr(args, field, None) is not None:
+            setattr(request, field, getattr(args, field))
+    response = stub.Segment(request, timeout=args.timeout)
+    rows = []
+    for path, result in zip(args.images, response.results):
+        row = {"image": str(path), "width": result.image_width, "height": result.image_height}
+        if result.label_map_png:
+            row["classes"] = [{"index": c.label.index, "name": c.label.name, "pixels": c.pixels,
+                               "share": round(c.label.score, 6)} for c in result.classes]
+        else:
+            row["instances"] = [
+                {"index": d.label.index, "name": d.label.name, "score": round(d.label.score, 6),
+                 "box": [round(v, 2) for v in (d.box.x_min, d.box.y_min, d.box.x_max, d.box.y_max)],
+                 "mask_pixels": int(_mask(d.mask, result.image_height, result.image_width).sum())}
+                for d in result.instances]
+        rows.append(row)
+    if args.json:
+        _print_json(response, rows)
+    else:
+        for row in rows:
+            print(f"{row['image']}  {row['width']}x{row['height']}  ({response.model} v{response.model_version})")
+            if "classes" in row:
+                print(f"  {'index':>5}  {'pixels':>9}  {'share':>7}  class")
+                for c in row["classes"]:
+                    print(f"  {c['index']:>5}  {c['pixels']:>9}  {c['share']:>7.2%}  {c['name']}")
+            else:
+                print(f"  {'index':>5}  {'score':>6}  {'mask px':>8}  {'box (x1, y1, x2, y2)':<28}  label")
+                for d in row["instances"]:
+                    box = ", ".join(f"{v:.1f}" for v in d["box"])
+                    print(f"  {d['index']:>5}  {d['score']:>6.3f}  {d['mask_pixels']:>8}  {box:<28}  {d['name']}")
+    if args.out:
+        import io
+
+        import numpy as np
+
+        from .draw import draw_instances, draw_label_map
+
+        result, image = response.results[0], _upright(args.images[0])
+        if result.label_map_png:
+            drawn = draw_label_map(image, np.asarray(Image.open(io.BytesIO(result.label_map_png))))
+        else:
+            drawn = draw_instances(image, [
+                ((d.box.x_min, d.box.y_min, d.box.x_max, d.box.y_max), f"{d.label.name} {d.label.score:.2f}",
+                 _mask(d.mask, result.image_height, result.image_width)) for d in result.instances])
+        drawn.save(args.out, format="PNG")
+        print(f"wrote {args.out}")
+    return 0
+
+
 # Model task (ModelInfo.task) -> the function that calls its method.
 TASKS = {
     "classification": classify,
     "detection": detect,
+    "semantic_segmentation": segment,
+    "instance_segmentation": segment,
     "generation": generate,
 }
 

@@ -103,7 +103,13 @@ class DataPlane:
 
         Items whose inputs have equal shapes are concatenated and sent in chunks of at
         most `max_batch_size` (variable-size models form one group per shape); all
-        chunks run concurrently and the outputs are split back per image, in order."""
+        chunks run concurrently and the outputs are split back per image, in order.
+        Arrays a pipeline's preprocess returned under names that are not model inputs
+        (e.g. R-CNN's proposals) stay in the gateway and come back with that image's
+        outputs, unchanged."""
+        model_inputs = {t.name for t in spec.inputs}
+        kept = [{k: v for k, v in t.items() if k not in model_inputs} for t in per_image]
+        per_image = [{k: v for k, v in t.items() if k in model_inputs} for t in per_image]
         groups: dict[tuple, list[int]] = {}
         for i, tensors in enumerate(per_image):
             key = tuple((name, a.shape[1:], a.dtype.str) for name, a in sorted(tensors.items()))
@@ -130,7 +136,7 @@ class DataPlane:
             joined = {name: np.concatenate([out[name] for out, _ in part]) for name in part[0][0]}
             offsets = np.cumsum([0] + counts)
             for i, lo, hi in zip(members, offsets[:-1], offsets[1:]):
-                results[i] = {name: a[lo:hi] for name, a in joined.items()}
+                results[i] = {**kept[i], **{name: a[lo:hi] for name, a in joined.items()}}
         return results, answers[0][1]
 
     async def run(

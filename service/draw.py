@@ -1,7 +1,54 @@
-"""Drawing results on images for `convserve predict --out` (Pillow only)."""
+"""Drawing results on images for `convserve predict --out` (Pillow and numpy only)."""
 from __future__ import annotations
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+# Opacity of label maps and instance masks drawn over the photo.
+MASK_ALPHA = 0.5
+
+
+def voc_palette(n: int = 256) -> np.ndarray:
+    """uint8 [n, 3]: the PASCAL VOC colour map (class 0 black, 1 dark red, 2 green, ...),
+    the usual colours of semantic label maps: bit i of the class id sets bit 7 - i//3
+    of the red, green or blue channel, cycling."""
+    ids = np.arange(n)
+    palette = np.zeros((n, 3), dtype=np.int64)
+    for shift in range(8):
+        for channel in range(3):
+            palette[:, channel] |= ((ids >> (3 * shift + channel)) & 1) << (7 - shift)
+    return palette.astype(np.uint8)
+
+
+def draw_label_map(image: Image.Image, label_map: np.ndarray, background: int | None = 0) -> Image.Image:
+    """The image with its label map [H, W] (class ids, the image's size) blended over it
+    in VOC colours; pixels of class ``background`` stay as they are."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    colours = voc_palette()[np.asarray(label_map) % 256].astype(np.float32)
+    blended = pixels * (1 - MASK_ALPHA) + colours * MASK_ALPHA
+    if background is not None:
+        blended = np.where((np.asarray(label_map) == background)[..., None], pixels, blended)
+    return Image.fromarray(blended.round().astype(np.uint8))
+
+
+def draw_instances(image: Image.Image, instances: list[tuple[tuple[float, float, float, float], str, np.ndarray]]
+                   ) -> Image.Image:
+    """The image with each instance's mask (bool [H, W]) blended in its own colour, and
+    its box (x1, y1, x2, y2, image pixels) and caption drawn on top."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32).copy()
+    palette = voc_palette()[1:]  # skip black
+    for i, (_, _, mask) in enumerate(instances):
+        colour = palette[i % len(palette)].astype(np.float32)
+        pixels[mask] = pixels[mask] * (1 - MASK_ALPHA) + colour * MASK_ALPHA
+    out = Image.fromarray(pixels.round().astype(np.uint8))
+    draw = ImageDraw.Draw(out)
+    size = max(10, min(out.width, out.height) // 40)
+    font = _font(size)
+    for i, (box, caption, _) in enumerate(instances):
+        colour = tuple(int(c) for c in palette[i % len(palette)])
+        draw.rectangle(box, outline=colour, width=2)
+        draw.text((box[0] + 2, max(0.0, box[1] - size - 4)), caption, fill=colour, font=font)
+    return out
 
 
 def _font(size: int):

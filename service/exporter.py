@@ -154,19 +154,21 @@ def compare(expected, got, what: str) -> float:
     return worst
 
 
-def to_torchscript(wrapped: torch.nn.Module, images: torch.Tensor, expected, path: Path) -> float:
+def to_torchscript(wrapped: torch.nn.Module, inputs: tuple[torch.Tensor, ...], expected, path: Path) -> float:
     scripted = torch.jit.script(wrapped)
     with torch.inference_mode():
-        diff = compare(expected, scripted(images), "TorchScript")
+        diff = compare(expected, scripted(*inputs), "TorchScript")
     torch.jit.save(scripted, str(path))
     reloaded = torch.jit.load(str(path))
     with torch.inference_mode():
-        return max(diff, compare(expected, reloaded(images), "reloaded TorchScript"))
+        return max(diff, compare(expected, reloaded(*inputs), "reloaded TorchScript"))
 
 
-def to_onnx(wrapped: torch.nn.Module, images: torch.Tensor, expected, path: Path, spec: ModelSpec) -> float:
+def to_onnx(wrapped: torch.nn.Module, inputs: tuple[torch.Tensor, ...], expected, path: Path,
+            spec: ModelSpec) -> float:
     import onnxruntime as ort
 
+    values = inputs
     inputs = [t.name for t in spec.inputs]
     outputs = [t.name for t in spec.outputs]
     dynamic = {name: {0: "batch"} for name in inputs + outputs}
@@ -175,14 +177,14 @@ def to_onnx(wrapped: torch.nn.Module, images: torch.Tensor, expected, path: Path
             if dim < 0:
                 dynamic[tensor.name][axis] = f"{tensor.name}_dim{axis}"
     with torch.inference_mode():
-        torch.onnx.export(wrapped, (images,), str(path), input_names=inputs, output_names=outputs,
+        torch.onnx.export(wrapped, tuple(values), str(path), input_names=inputs, output_names=outputs,
                           dynamic_axes=dynamic, opset_version=ONNX_OPSET, dynamo=False)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(outputs, {inputs[0]: images.numpy()})
+    got = session.run(outputs, {name: value.numpy() for name, value in zip(inputs, values)})
     return compare(expected, [torch.from_numpy(g) for g in got], "ONNX Runtime")
 
 
-def to_tensorrt(wrapped, images, expected, path: Path, spec: ModelSpec) -> float:
+def to_tensorrt(wrapped, inputs: tuple[torch.Tensor, ...], expected, path: Path, spec: ModelSpec) -> float:
     """Build a TensorRT plan from the ONNX export; needs the tensorrt package and a GPU."""
     try:
         import tensorrt as trt
@@ -192,7 +194,7 @@ def to_tensorrt(wrapped, images, expected, path: Path, spec: ModelSpec) -> float
     if not torch.cuda.is_available():
         raise ExportError("--format tensorrt needs an NVIDIA GPU: torch sees no CUDA device here")
     onnx_path = path.with_suffix(".onnx")
-    to_onnx(wrapped, images, expected, onnx_path, spec)
+    to_onnx(wrapped, inputs, expected, onnx_path, spec)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)
@@ -214,9 +216,10 @@ def to_tensorrt(wrapped, images, expected, path: Path, spec: ModelSpec) -> float
     onnx_path.unlink()
     engine = trt.Runtime(logger).deserialize_cuda_engine(bytes(plan))
     context = engine.create_execution_context()
-    device_in = images.cuda().contiguous()
-    context.set_input_shape(spec.inputs[0].name, tuple(device_in.shape))
-    context.set_tensor_address(spec.inputs[0].name, device_in.data_ptr())
+    device_inputs = [value.cuda().contiguous() for value in inputs]
+    for tensor, device_in in zip(spec.inputs, device_inputs):
+        context.set_input_shape(tensor.name, tuple(device_in.shape))
+        context.set_tensor_address(tensor.name, device_in.data_ptr())
     outs = []
     for tensor in spec.outputs:
         out = torch.empty(tuple(context.get_tensor_shape(tensor.name)), dtype=torch.float32, device="cuda")
@@ -228,21 +231,25 @@ def to_tensorrt(wrapped, images, expected, path: Path, spec: ModelSpec) -> float
     return compare(expected, [o.cpu() for o in outs], "TensorRT")
 
 
-def write_model_file(fmt: str, wrapped, images, expected, path: Path, spec: ModelSpec) -> float:
+def write_model_file(fmt: str, wrapped, inputs: tuple[torch.Tensor, ...], expected, path: Path,
+                     spec: ModelSpec) -> float:
+    """Write `wrapped` in `fmt` to `path`, checked against `expected` on `inputs` (the
+    example values of every spec input, in order)."""
     if fmt == "torchscript":
-        return to_torchscript(wrapped, images, expected, path)
+        return to_torchscript(wrapped, inputs, expected, path)
     if fmt == "onnx":
-        return to_onnx(wrapped, images, expected, path, spec)
+        return to_onnx(wrapped, inputs, expected, path, spec)
     if fmt == "tensorrt":
-        return to_tensorrt(wrapped, images, expected, path, spec)
+        return to_tensorrt(wrapped, inputs, expected, path, spec)
     raise ExportError(f"format must be torchscript, onnx or tensorrt, got {fmt!r}")
 
 
 # ------------------------------------------------------------------------ export
 def build_spec(arch: zoo.Architecture, name: str, labels: list[str], max_batch_size: int,
-               input_size: int | None = None) -> ModelSpec:
+               input_size: int | None = None, options: dict[str, str] | None = None) -> ModelSpec:
     """The spec of zoo architecture `arch` exported as entry `name`; the architecture's
-    hooks say what its outputs are and whether its input size is fixed."""
+    hooks say what its outputs and extra inputs are and whether its input size is
+    fixed. `options` override the architecture's default options."""
     height, width = arch.input_size
     resize_size = arch.resize_size
     if input_size is not None:
@@ -250,18 +257,21 @@ def build_spec(arch: zoo.Architecture, name: str, labels: list[str], max_batch_s
         if resize_size:
             resize_size = round(input_size * resize_size / height)
         height = width = input_size
+    options = {**arch.options, **(arch.sized_options(height, width) if arch.sized_options else {}),
+               **{k: str(v) for k, v in (options or {}).items()}}
     if arch.output_specs is None:
         outputs = (TensorSpec(arch.output_names[0], np.dtype(np.float32), (len(labels),)),)
     else:
         outputs = tuple(arch.output_specs(len(labels), height, width))
     in_dims = (3, -1, -1) if arch.variable_input_size else (3, height, width)
+    extra = tuple(arch.extra_inputs(options, height, width)) if arch.extra_inputs is not None else ()
     return ModelSpec(
         name=name, task=arch.task, architecture=arch.name,
-        inputs=(TensorSpec(arch.input_name, np.dtype(np.uint8), in_dims),),
+        inputs=(TensorSpec(arch.input_name, np.dtype(np.uint8), in_dims), *extra),
         outputs=outputs,
         max_batch_size=max_batch_size, resize_mode=arch.resize_mode, resize_size=resize_size,
         mean=arch.mean, std=arch.std, output_layout=arch.output_layout, labels=tuple(labels),
-        options={**arch.options, **(arch.sized_options(height, width) if arch.sized_options else {})},
+        options=options,
     )
 
 
@@ -284,8 +294,10 @@ def export_model(
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     max_queue_size: int = 0,
     seed: int = 0,
+    options: dict[str, str] | None = None,
 ) -> ExportResult:
-    """Export zoo architecture `arch_name` (+ checkpoint) as entry `name`, version `version`."""
+    """Export zoo architecture `arch_name` (+ checkpoint) as entry `name`, version `version`;
+    `options` override the architecture's spec options (e.g. ``{"proposals": "50"}``)."""
     arch = zoo.get(arch_name)
     if fmt not in NAME_SUFFIX:
         raise ExportError(f"format must be one of {', '.join(NAME_SUFFIX)}, got {fmt!r}")
@@ -294,7 +306,7 @@ def export_model(
     ckpt_classes = (checkpoint_num_classes(state, arch)
                     if state is not None and (arch.task == "classification" or arch.classes_key) else None)
     labels = resolve_labels(arch.labels_resource, arch.num_classes, labels_file, num_classes, ckpt_classes)
-    spec = build_spec(arch, name, labels, max_batch_size, input_size)
+    spec = build_spec(arch, name, labels, max_batch_size, input_size, options)
 
     torch.manual_seed(seed)
     model = arch.build(len(labels))
@@ -304,13 +316,15 @@ def export_model(
         warnings.warn(f"{arch.name}: no --weights given; exporting seeded random weights (seed {seed}). "
                       "Its answers are meaningless until you export a trained checkpoint.", stacklevel=2)
     wrapped = arch.wrap(model.eval(), spec).eval()
-    # Variable-size models are checked at their nominal size (or --input-size).
-    images = example_batch(spec, seed, size=arch.input_size if input_size is None else (input_size, input_size))
+    size = (spec.input_height, spec.input_width) if input_size is None else (input_size, input_size)
+    if arch.variable_input_size and input_size is None:
+        size = arch.input_size
+    inputs = example_inputs(spec, arch, seed, size=size)
     with torch.inference_mode():
-        expected = wrapped(images)
+        expected = wrapped(*inputs)
 
     def write(path: Path) -> float:
-        return write_model_file(fmt, wrapped, images, expected, path, spec)
+        return write_model_file(fmt, wrapped, inputs, expected, path, spec)
 
     path, diff = write_entry(repo, spec, fmt, version, write, version_policy=version_policy,
                              max_queue_size=max_queue_size)
@@ -323,6 +337,21 @@ def example_batch(spec: ModelSpec, seed: int, batch: int = 2, size: tuple[int, i
     generator = torch.Generator().manual_seed(seed)
     dims = tuple(d if d > 0 else fallback for d, fallback in zip(spec.image_input.dims, (3, *size)))
     return torch.randint(0, 256, (batch, *dims), generator=generator, dtype=torch.uint8)
+
+
+def example_inputs(spec: ModelSpec, arch: zoo.Architecture, seed: int, batch: int = 2,
+                   size: tuple[int, int] = (64, 64)) -> tuple[torch.Tensor, ...]:
+    """Example values of every input of `spec`, in order: `example_batch` images, then
+    the architecture's extra inputs (its own example values, or uniform [0, 1))."""
+    images = example_batch(spec, seed, batch, size)
+    extra = spec.inputs[1:]
+    if not extra:
+        return (images,)
+    generator = torch.Generator().manual_seed(seed + 1)
+    if arch.example_extra_inputs is not None:
+        return (images, *arch.example_extra_inputs(spec, batch, *images.shape[2:], generator))
+    return (images, *(torch.rand((batch, *t.dims), generator=generator).to(getattr(torch, t.dtype.name))
+                      for t in extra))
 
 
 def write_entry(repo: Path, spec: ModelSpec, fmt: str, version: int, write_model: Callable[[Path], float],
@@ -435,27 +464,94 @@ def _generation_outputs(outputs: list[tuple[str, np.ndarray]], labels: list[str]
                        std=zoo.generation.GAN_STD)
 
 
+def _semantic_segmentation_outputs(outputs: list[tuple[str, np.ndarray]], labels: list[str], input_size: int,
+                                   layout: str | None, source: str) -> FileOutputs:
+    """A semantic segmenter's first output: per-pixel class scores [N, C, S, S] at the
+    input size, C = the number of labels (logits or probabilities: the gateway keeps
+    only the argmax, after resizing them bilinearly to the original image)."""
+    name, out = outputs[0]
+    want = (2, len(labels), input_size, input_size)
+    if out.shape != want:
+        raise ExportError(f"{source} outputs shape {list(out.shape)} for 2 images of {input_size}x{input_size}; "
+                          f"semantic segmentation with {len(labels)} labels needs {list(want)}")
+    if layout not in (None, "logits_nchw"):
+        raise ExportError(f"--layout for semantic_segmentation is logits_nchw, got {layout!r}")
+    return FileOutputs((TensorSpec(name, np.dtype(np.float32), want[1:]),), "logits_nchw", "stretch")
+
+
+# The rcnn_candidates contract (see service/pipelines/segmentation.py): output names in
+# order, with their dtypes and per-image shapes (K candidates, M x M masks).
+RCNN_CANDIDATES = (("boxes__0", np.float32, ("K", 4)), ("scores__1", np.float32, ("K",)),
+                   ("labels__2", np.int64, ("K",)), ("count__3", np.int32, (1,)),
+                   ("masks__4", np.float32, ("K", "M", "M")))
+
+
+def _instance_segmentation_outputs(outputs: list[tuple[str, np.ndarray]], labels: list[str], input_size: int,
+                                   layout: str | None, source: str) -> FileOutputs:
+    """A Mask R-CNN-style file following the rcnn_candidates contract: it takes uint8
+    images [N, 3, H, W] of any size (RGB, 0-255; it resizes and normalizes itself) and
+    returns, per image, K candidates before the final NMS, best first:
+    boxes [K, 4] float32 (x1, y1, x2, y2, input pixels), scores [K] float32, labels [K]
+    int64 (indices into the labels file), count [1] int32 (valid rows; the rest is
+    zero padding) and masks [K, M, M] float32 (each candidate's own class's mask
+    probabilities). ONNX files name these outputs boxes__0, scores__1, labels__2,
+    count__3, masks__4; TorchScript files return them as a tuple in that order."""
+    if layout not in (None, "rcnn_candidates"):
+        raise ExportError(f"--layout for instance_segmentation is rcnn_candidates, got {layout!r}")
+    by_name = dict(outputs)
+    if all(name in by_name for name, _, _ in RCNN_CANDIDATES):
+        arrays = [by_name[name] for name, _, _ in RCNN_CANDIDATES]
+    elif len(outputs) == len(RCNN_CANDIDATES) and all(name.startswith("output__") for name, _ in outputs):
+        arrays = [out for _, out in outputs]  # TorchScript: positional
+    else:
+        raise ExportError(f"{source} has outputs {[n for n, _ in outputs]}; instance_segmentation files must "
+                          f"return {', '.join(n for n, _, _ in RCNN_CANDIDATES)} (the rcnn_candidates contract)")
+    k = arrays[0].shape[1] if arrays[0].ndim == 3 else -1
+    m = arrays[4].shape[-1] if arrays[4].ndim == 4 else -1
+    specs = []
+    for (name, dtype, dims), out in zip(RCNN_CANDIDATES, arrays):
+        want = tuple(k if d == "K" else m if d == "M" else d for d in dims)
+        if out.dtype != np.dtype(dtype) or out.shape != (1, *want) or k < 1 or m < 1:
+            raise ExportError(f"{source}: output {name} is {out.dtype} {list(out.shape)} for one image; the "
+                              f"rcnn_candidates contract needs {np.dtype(dtype)} [1, {', '.join(map(str, dims))}]")
+        specs.append(TensorSpec(name, np.dtype(dtype), want))
+    count = int(arrays[3].reshape(-1)[0])
+    valid_labels = arrays[2][0, :max(count, 0)]
+    if not 0 <= count <= k or (valid_labels.size and not 0 <= valid_labels.min() <= valid_labels.max() < len(labels)):
+        raise ExportError(f"{source}: count {count} must lie in [0, {k}] and labels in [0, {len(labels)}) "
+                          f"({len(labels)} labels in the labels file)")
+    return FileOutputs(tuple(specs), "rcnn_candidates", "none",
+                       options={"score_threshold": "0.05", "iou_threshold": "0.5", "max_detections": "100",
+                                "max_candidates": str(k)})
+
+
 # --task -> how that task checks a file's outputs and describes them. Each task that
 # accepts --from-file adds itself here.
 FILE_TASKS: dict[str, Callable[..., FileOutputs]] = {
     "classification": _classification_outputs,
     "detection": _detection_outputs,
+    "semantic_segmentation": _semantic_segmentation_outputs,
+    "instance_segmentation": _instance_segmentation_outputs,
     "generation": _generation_outputs,
 }
 # Tasks whose models have no classes: --labels is optional for them.
 UNLABELLED_TASKS = ("generation",)
+# Tasks whose files take uint8 RGB images [N, 3, H, W] of any size and resize and
+# normalize them themselves (one image is sent per call); the others take float32
+# [N, 3, S, S] normalized with --mean/--std.
+RAW_IMAGE_TASKS = ("instance_segmentation",)
 
 
 def _run_file(source: Path, fmt: str, sample: np.ndarray) -> tuple[str, list[tuple[str, np.ndarray]]]:
     """Run the file on the sample batch: (input name, [(output name, array), ...])."""
-    shape = list(sample.shape)
+    shape = f"{list(sample.shape)} {'uint8' if sample.dtype == np.uint8 else 'float'}"
     if fmt == "torchscript":
         try:
             module = torch.jit.load(str(source), map_location="cpu").eval()
             with torch.inference_mode():
                 got = _as_tuple(module(torch.from_numpy(sample)))
         except Exception as exc:
-            raise ExportError(f"{source.name} does not run as TorchScript on {shape} float input: {exc}") from exc
+            raise ExportError(f"{source.name} does not run as TorchScript on {shape} input: {exc}") from exc
         return "input__0", [(f"output__{i}", t.numpy()) for i, t in enumerate(got)]
     import onnxruntime as ort
 
@@ -465,7 +561,7 @@ def _run_file(source: Path, fmt: str, sample: np.ndarray) -> tuple[str, list[tup
         names = [o.name for o in session.get_outputs()]
         got = session.run(names, {in_name: sample})
     except Exception as exc:
-        raise ExportError(f"{source.name} does not run in ONNX Runtime on {shape} float input: {exc}") from exc
+        raise ExportError(f"{source.name} does not run in ONNX Runtime on {shape} input: {exc}") from exc
     return in_name, list(zip(names, got))
 
 
@@ -502,13 +598,20 @@ def export_from_file(
            ".onnx": "onnx"}.get(source.suffix)
     if fmt is None:
         raise ExportError(f"--from-file takes a TorchScript .pt or an .onnx file, got {source.name}")
-    sample = np.random.default_rng(0).normal(size=(2, 3, input_size, input_size)).astype(np.float32)
+    rng = np.random.default_rng(0)
+    raw_images = task in RAW_IMAGE_TASKS
+    if raw_images:  # one image, not square: the file must take any size
+        sample = rng.integers(0, 256, size=(1, 3, input_size, input_size + 32), dtype=np.uint8)
+        image_input = (np.dtype(np.uint8), (3, -1, -1))
+    else:
+        sample = rng.normal(size=(2, 3, input_size, input_size)).astype(np.float32)
+        image_input = (np.dtype(np.float32), (3, input_size, input_size))
     in_name, outputs = _run_file(source, fmt, sample)
     described = FILE_TASKS[task](outputs, labels, input_size, layout, source.name)
     spec = ModelSpec(
         name=name, task=task, architecture=f"custom:{source.name}",
-        inputs=(TensorSpec(in_name, np.dtype(np.float32), (3, input_size, input_size)),),
-        outputs=described.outputs, max_batch_size=max_batch_size,
+        inputs=(TensorSpec(in_name, *image_input),),
+        outputs=described.outputs, max_batch_size=1 if raw_images else max_batch_size,
         resize_mode=resize_mode or described.resize_mode,
         resize_size=described.resize_size if (resize_mode or described.resize_mode) == "resize_center_crop" else 0,
         mean=tuple(mean or described.mean or IMAGENET_MEAN), std=tuple(std or described.std or IMAGENET_STD),

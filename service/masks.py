@@ -55,6 +55,9 @@ MASK_THRESHOLD = 0.5
 # in one expression) when output height + width <= 128, and the generic separable kernel
 # (width pass, then height pass) above; the two round differently.
 _TORCH_SMALL_OUTPUT = 128
+# Logit values gathered per step when interpolating a label map's boundary pixels:
+# bounds the float64 temporaries to a few tens of MiB whatever the image size.
+_LABEL_MAP_CHUNK = 1 << 20
 # PNG zlib level: masks compress well even at level 1, and encoding sits on the
 # request path.
 PNG_COMPRESSION = 1
@@ -297,6 +300,58 @@ def paste_and_encode(masks: np.ndarray, boxes: np.ndarray, height: int, width: i
         else:
             counts.append(_encode_local_rle(window > limit, x0, y0, height, width))
     return counts
+
+
+# ------------------------------------------------------------------- label maps
+def upsample_argmax(logits: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``F.interpolate(logits[None], (height, width), mode="bilinear",
+    align_corners=False)[0].argmax(0)``: per-pixel class ids at the original size.
+
+    logits: float32 [C, h, w] at the model's resolution (scores of any kind: the
+    argmax is all that is kept). Returns uint16 [height, width] (int32 when C > 65536).
+
+    This is the evaluation-time rule of semantic segmentation (torchvision's FCN and
+    DeepLab heads resize logits bilinearly, then take the argmax), without its C x H x W
+    cost: the argmax is taken at model resolution first, and an output pixel whose four
+    bilinear taps all carry the same class c gets c, since a non-negative combination
+    of logit vectors that each rank c first ranks c first (and float rounding is
+    monotonic, so this holds for the rounded values too). Only pixels whose taps
+    disagree, i.e. pixels along class boundaries, are interpolated in full, in chunks.
+
+    Those use torch's separable CPU kernel bit for bit (width pass then height pass,
+    fused multiply-adds; see `resize_bilinear`), the one torch runs when height + width
+    > 128. Two cases can differ from torch, both only at near-ties: a rounding that
+    makes two classes' interpolated logits exactly equal inside a uniform region (torch
+    then takes the lower index), and tiny outputs (height + width <= 128), for which
+    torch uses a vectorized kernel that rounds differently for C > 3.
+    """
+    logits = np.asarray(logits, dtype=np.float32)
+    if logits.ndim != 3 or 0 in logits.shape:
+        raise ValueError(f"logits must be a non-empty [C, h, w] array, got shape {list(logits.shape)}")
+    classes, h, w = logits.shape
+    dtype = np.uint16 if classes <= np.iinfo(np.uint16).max + 1 else np.int32
+    coarse = logits.argmax(axis=0).astype(dtype)
+    y0, y1, ly0, ly1 = _linear_taps(h, height)
+    x0, x1, lx0, lx1 = _linear_taps(w, width)
+    rows0, rows1 = coarse[y0], coarse[y1]
+    labels = rows0[:, x0]
+    mixed = labels != rows0[:, x1]
+    mixed |= labels != rows1[:, x0]
+    mixed |= labels != rows1[:, x1]
+    ys, xs = np.nonzero(mixed)
+    # Channels last, so that each tap gathers one contiguous C-vector.
+    pixels = np.ascontiguousarray(logits.transpose(1, 2, 0))
+    step = max(1, _LABEL_MAP_CHUNK // classes)
+    for lo in range(0, ys.size, step):
+        py, px = ys[lo:lo + step], xs[lo:lo + step]
+        sy0, sy1, sx0, sx1 = y0[py], y1[py], x0[px], x1[px]
+        wx0, wx1 = lx0[px, None], lx1[px, None]
+        # [P, C]: the width pass at both source rows, then the height pass.
+        top = _fma(pixels[sy0, sx0], wx0, pixels[sy0, sx1] * wx1)
+        bottom = _fma(pixels[sy1, sx0], wx0, pixels[sy1, sx1] * wx1)
+        values = _fma(top, ly0[py, None], bottom * ly1[py, None])
+        labels[py, px] = values.argmax(axis=1)
+    return labels
 
 
 # ----------------------------------------------------------------------------- PNG

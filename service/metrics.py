@@ -25,7 +25,8 @@ LATENCY = Histogram(
     ["method", "model"], buckets=LATENCY_BUCKETS)
 STAGE_LATENCY = Histogram(
     "convserve_stage_duration_seconds",
-    "Time spent per request in each pipeline stage (decode, preprocess, infer, postprocess).",
+    "Time spent per request in each pipeline stage (decode, preprocess, infer, postprocess; "
+    "proposals: R-CNN/Fast R-CNN selective search, per image, inside preprocess).",
     ["model", "stage"], buckets=LATENCY_BUCKETS)
 IN_FLIGHT = Gauge("convserve_requests_in_flight", "Requests being handled now.", ["method"])
 REQUEST_BYTES = Histogram(

@@ -25,7 +25,7 @@ from . import metrics
 from ._proto import vision_pb2, vision_pb2_grpc
 from .dataplane import DataPlane
 from .errors import ConvserveError, InvalidArgument, NotFound, ResourceExhausted, Unavailable, Unimplemented
-from .pipelines import classification, detection, generation
+from .pipelines import classification, detection, generation, segmentation
 from .pipelines.common import ImageInput
 from .settings import Settings
 from .auth import TokenStore
@@ -275,6 +275,25 @@ def _detect_response(answer) -> vision_pb2.DetectResponse:
                                        image_height=r.height) for r in answer.results])
 
 
+# MaskFormat enum -> the pipeline's name (UNSPECIFIED: the default, RLE). An unknown
+# number is passed on as it is, and the pipeline refuses it naming `mask_format`.
+_MASK_FORMATS = {vision_pb2.MASK_FORMAT_UNSPECIFIED: None, vision_pb2.MASK_FORMAT_RLE: "rle",
+                 vision_pb2.MASK_FORMAT_PNG: "png"}
+
+
+def _segmentation(result) -> vision_pb2.Segmentation:
+    out = vision_pb2.Segmentation(
+        label_map_png=result.label_map_png, image_width=result.width, image_height=result.height,
+        classes=[vision_pb2.ClassPixels(label=_label(c.label), pixels=c.pixels) for c in result.classes])
+    for instance in result.instances:
+        x1, y1, x2, y2 = instance.box
+        mask = (vision_pb2.Mask(png=instance.png) if instance.png is not None else
+                vision_pb2.Mask(rle=vision_pb2.Rle(height=result.height, width=result.width, counts=instance.rle)))
+        out.instances.append(vision_pb2.Detection(
+            box=vision_pb2.Box(x_min=x1, y_min=y1, x_max=x2, y_max=y2), label=_label(instance.label), mask=mask))
+    return out
+
+
 def model_info(status, spec) -> vision_pb2.ModelInfo:
     info = vision_pb2.ModelInfo(name=status.name, versions=list(status.versions), ready=status.ready)
     if spec is not None:
@@ -372,7 +391,19 @@ class VisionServicer(vision_pb2_grpc.VisionServicer):
                 return model_info(status, spec)
         raise NotFound(f"unknown model {request.name!r}")
 
-    # Segment: pipelines/segmentation.py (not implemented yet).
+    async def Segment(self, request, context):
+        options = {
+            "mask_format": _MASK_FORMATS.get(request.mask_format, request.mask_format),
+            "score_threshold": _optional(request, "score_threshold"),
+            "iou_threshold": _optional(request, "iou_threshold"),
+            "max_detections": _optional(request, "max_detections"),
+        }
+        answer = await self.plane.run(
+            segmentation.TASK, request.model, request.model_version, images_from_proto(request.images),
+            options, context.time_remaining())
+        return vision_pb2.SegmentResponse(
+            model=answer.model, model_version=answer.version,
+            results=[_segmentation(result) for result in answer.results])
 
     # ----------------------------------------------------------------------------
 

@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     triton_startup_timeout_s: float = Field(300.0, gt=0)
     # The embedded Triton listens on loopback only: the gateway is its one client.
     triton_bind_address: str = "127.0.0.1"
-    default_models: str = "resnet18,yolo,cyclegan"
+    default_models: str = "resnet18,yolo,unet,maskrcnn_resnet50_fpn,cyclegan,rcnn,fast_rcnn"
 
     @field_validator("log_level")
     @classmethod

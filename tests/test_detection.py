@@ -68,9 +68,9 @@ def make_spec(layout="yolov8", size=(320, 256), resize_mode="letterbox", options
     if layout == "rcnn_candidates":
         inputs = (TensorSpec("images__0", np.dtype(np.uint8), (3, -1, -1)),)
         outputs = (TensorSpec("boxes__0", np.dtype(np.float32), (anchors, 4)),
-                   TensorSpec("scores__0", np.dtype(np.float32), (anchors,)),
-                   TensorSpec("labels__0", np.dtype(np.int64), (anchors,)),
-                   TensorSpec("count__0", np.dtype(np.int32), (1,)))
+                   TensorSpec("scores__1", np.dtype(np.float32), (anchors,)),
+                   TensorSpec("labels__2", np.dtype(np.int64), (anchors,)),
+                   TensorSpec("count__3", np.dtype(np.int32), (1,)))
         resize_mode = "none"
     else:
         inputs = (TensorSpec("images__0", np.dtype(np.uint8), (3, h, w)),)
@@ -179,8 +179,8 @@ def test_rcnn_candidates_use_only_the_counted_rows():
     spec = make_spec("rcnn_candidates", anchors=6)
     boxes = np.array([[10, 10, 50, 50], [12, 12, 50, 50], [100, 100, 150, 140], [0, 0, 5, 5],
                       [1, 1, 2, 2], [1, 1, 2, 2]], np.float32)
-    outputs = {"boxes__0": boxes[None], "scores__0": np.array([[0.9, 0.8, 0.7, 0.6, 0.99, 0.99]], np.float32),
-               "labels__0": np.array([[1, 1, 2, 1, 3, 3]]), "count__0": np.array([[4]], np.int32)}
+    outputs = {"boxes__0": boxes[None], "scores__1": np.array([[0.9, 0.8, 0.7, 0.6, 0.99, 0.99]], np.float32),
+               "labels__2": np.array([[1, 1, 2, 1, 3, 3]]), "count__3": np.array([[4]], np.int32)}
     options = detection.resolve_options({}, spec)
     got = detection.postprocess(outputs, spec, Decoded(Image.new("RGB", (120, 130))), options)
     # Row 1 is suppressed by row 0 (IoU 0.9 > 0.5, same class); rows 4-5 are padding.

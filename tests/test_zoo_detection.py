@@ -141,8 +141,8 @@ def test_spec_carries_sizes_and_candidates(exported):
     assert spec.options["min_size"] == str(SIZE) and spec.options["max_size"] == str(round(SIZE * 1333 / 800))
     k = int(spec.options["max_candidates"])
     assert [(t.name, t.dtype, t.dims) for t in spec.outputs] == [
-        ("boxes__0", np.float32, (k, 4)), ("scores__0", np.float32, (k,)),
-        ("labels__0", np.int64, (k,)), ("count__0", np.int32, (1,))]
+        ("boxes__0", np.float32, (k, 4)), ("scores__1", np.float32, (k,)),
+        ("labels__2", np.int64, (k,)), ("count__3", np.int32, (1,))]
     assert len(spec.labels) == 91 and spec.labels[1] == "person"
 
 
@@ -151,7 +151,7 @@ def test_default_spec_and_mask_outputs():
     spec = build_spec(arch, "m", ["x"] * 91, 4)
     assert spec.task == "instance_segmentation"
     assert spec.options["min_size"] == "800" and spec.options["max_size"] == "1333"
-    assert spec.outputs[-1].name == "masks__0" and spec.outputs[-1].dims == (300, 28, 28)
+    assert spec.outputs[-1].name == "masks__4" and spec.outputs[-1].dims == (300, 28, 28)
 
 
 def test_class_count_comes_from_the_checkpoint(tmp_path):

@@ -16,9 +16,12 @@ Output layouts (`spec.output_layout`):
                       class, as Ultralytics' non-multi-label NMS does.
   ``yolov5``          one float [A, 5 + C] output: cx, cy, w, h, objectness, C class
                       scores; score = objectness x class score, best class per candidate.
-  ``rcnn_candidates`` ``boxes__0`` [K, 4] (x1, y1, x2, y2, input pixels), ``scores__0``
-                      [K], ``labels__0`` [K] int64, ``count__0`` [1] valid rows (the rest
+  ``rcnn_candidates`` ``boxes__0`` [K, 4] (x1, y1, x2, y2, input pixels), ``scores__1``
+                      [K], ``labels__2`` [K] int64, ``count__3`` [1] valid rows (the rest
                       is padding): per-class candidates before NMS (Faster/Mask R-CNN).
+  ``rcnn_regions``,   R-CNN and Fast R-CNN over selective search proposals: their own
+  ``fast_rcnn``       preprocess and decoding (`pipelines/regions.py`), then steps 2-5,
+                      in original pixels.
 
 All numpy, vectorized: no loop over candidates or boxes.
 """
@@ -34,8 +37,9 @@ from ..imaging import (IDENTITY, Decoded, Placement, center_crop_placement, lett
                        resize_center_crop, resize_stretch, stretch_placement, to_chw)
 from ..spec import ModelSpec
 from .common import Task, Tensors
+from .regions import LAYOUTS as REGION_LAYOUTS
 
-LAYOUTS = ("yolov8", "yolov5", "rcnn_candidates")
+LAYOUTS = ("yolov8", "yolov5", "rcnn_candidates", *REGION_LAYOUTS)
 # Defaults when neither the request nor the model's spec options say otherwise
 # (torchvision's RoIHeads defaults).
 DEFAULT_SCORE_THRESHOLD = 0.05
@@ -44,7 +48,7 @@ DEFAULT_MAX_DETECTIONS = 100
 # Upper bound on max_detections: keeps responses bounded whatever a client asks.
 MAX_DETECTIONS_CAP = 1000
 # rcnn_candidates tensor names (the contract with the exported R-CNN models).
-RCNN_BOXES, RCNN_SCORES, RCNN_LABELS, RCNN_COUNT = "boxes__0", "scores__0", "labels__0", "count__0"
+RCNN_BOXES, RCNN_SCORES, RCNN_LABELS, RCNN_COUNT = "boxes__0", "scores__1", "labels__2", "count__3"
 
 
 @dataclass(frozen=True)
@@ -218,7 +222,7 @@ def detect_candidates(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
     class filter, NMS and top-N in input space (`boxes.select_detections`), then the
     kept boxes mapped to the original width x height image and clipped. Instance
     segmentation calls this too, and pastes masks for the kept rows only: with `decode`'s
-    ``rows``, ``rows[kept.indices]`` are the model's output rows (``masks__0`` rows)."""
+    ``rows``, ``rows[kept.indices]`` are the model's output rows (``masks__4`` rows)."""
     keep = select_detections(boxes, scores, labels, score_threshold=options.score_threshold,
                              iou_threshold=options.iou_threshold, max_detections=options.max_detections,
                              class_ids=options.class_ids, class_agnostic=options.class_agnostic)
@@ -250,9 +254,17 @@ class Detection(Task):
         return resolve_options(request, spec)
 
     def preprocess(self, decoded, spec, options) -> Tensors:
+        region = REGION_LAYOUTS.get(spec.output_layout)
+        if region is not None:  # R-CNN / Fast R-CNN: proposals, then warp or scale
+            return region.preprocess(decoded, spec, options)
         return {spec.image_input.name: preprocess(decoded, spec)[None]}
 
     def postprocess(self, outputs, spec, decoded, options):
+        region = REGION_LAYOUTS.get(spec.output_layout)
+        if region is not None:
+            kept = region.postprocess(outputs, spec, decoded, options)
+            return Detections(kept.boxes, kept.scores, kept.labels, label_names(spec, kept.labels),
+                              decoded.width, decoded.height)
         return postprocess(outputs, spec, decoded, options)
 
 

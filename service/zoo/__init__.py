@@ -57,6 +57,12 @@ class Architecture:
     # The state_dict key whose first dimension is the class count, when it is not the
     # model's last weight (a detector's classification layer is not its last layer).
     classes_key: str | None = None
+    # Inputs after the image (e.g. Fast R-CNN's RoIs), given (the entry's options, input
+    # height, input width); the exported module takes them after the images, in order.
+    extra_inputs: Callable[[dict, int, int], tuple[TensorSpec, ...]] | None = None
+    # Example values of those inputs for the export's parity check, given (spec, batch,
+    # height, width, torch.Generator); None: uniform random values in [0, 1).
+    example_extra_inputs: Callable[..., tuple[torch.Tensor, ...]] | None = None
 
 
 REGISTRY: dict[str, Architecture] = {}
@@ -106,5 +112,4 @@ class NormalizedModel(nn.Module):
         return self.model(self.normalize(images))
 
 
-from . import classification, generation, segmentation, yolo  # noqa: E402,F401  (they register themselves)
-from . import detection  # noqa: E402,F401
+from . import classification, detection, generation, regions, segmentation, yolo  # noqa: E402,F401  (they register themselves)

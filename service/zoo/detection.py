@@ -17,10 +17,10 @@ Outputs (K = ``max_candidates`` rows per image; the first ``count`` are valid, s
 score descending; the rest are zeros):
 
     boxes__0   float32 [K, 4]  (x1, y1, x2, y2) in input-image pixels
-    scores__0  float32 [K]
-    labels__0  int64   [K]     index into the labels (COCO: 91 entries, 0 = background never appears)
-    count__0   int32   [1]
-    masks__0   float32 [K, 28, 28]  Mask R-CNN only: mask probabilities (sigmoid) of each
+    scores__1  float32 [K]
+    labels__2  int64   [K]     index into the labels (COCO: 91 entries, 0 = background never appears)
+    count__3   int32   [1]
+    masks__4   float32 [K, 28, 28]  Mask R-CNN only: mask probabilities (sigmoid) of each
                                     candidate's own class, in its box
 
 The gateway then runs class-aware NMS and the top-``max_detections`` cut
@@ -188,12 +188,13 @@ class MaskRCNNCandidates(RCNNCandidates):
         self.mask_roi_pool = model.roi_heads.mask_roi_pool
         self.mask_head = model.roi_heads.mask_head
         self.mask_predictor = model.roi_heads.mask_predictor
+        self.mask_size = MASK_SIZE  # an attribute: TorchScript cannot read module globals
 
     def forward(self, images: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         boxes, scores, labels, count, resized_boxes, features, sizes = self._candidates(images)
         n, k = boxes.shape[0], boxes.shape[1]
-        masks = torch.zeros((n, k, MASK_SIZE, MASK_SIZE), dtype=torch.float32)
-        counts: List[int] = count[:, 0].tolist()
+        masks = torch.zeros((n, k, self.mask_size, self.mask_size), dtype=torch.float32)
+        counts: List[int] = count[:, 0].long().tolist()
         if sum(counts) > 0:
             rois = [resized_boxes[i, :counts[i]] for i in range(n)]
             logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, rois, sizes)))
@@ -230,11 +231,11 @@ def _output_specs(with_masks: bool, max_candidates: int):
     def specs(n_labels: int, height: int, width: int) -> tuple[TensorSpec, ...]:
         k = max_candidates
         out = [TensorSpec("boxes__0", np.dtype(np.float32), (k, 4)),
-               TensorSpec("scores__0", np.dtype(np.float32), (k,)),
-               TensorSpec("labels__0", np.dtype(np.int64), (k,)),
-               TensorSpec("count__0", np.dtype(np.int32), (1,))]
+               TensorSpec("scores__1", np.dtype(np.float32), (k,)),
+               TensorSpec("labels__2", np.dtype(np.int64), (k,)),
+               TensorSpec("count__3", np.dtype(np.int32), (1,))]
         if with_masks:
-            out.append(TensorSpec("masks__0", np.dtype(np.float32), (k, MASK_SIZE, MASK_SIZE)))
+            out.append(TensorSpec("masks__4", np.dtype(np.float32), (k, MASK_SIZE, MASK_SIZE)))
         return tuple(out)
     return specs
 
@@ -258,7 +259,7 @@ for _name, _task, _k, _eps in (
         num_classes=COCO_NUM_CLASSES, labels_resource=COCO_LABELS_RESOURCE,
         input_size=(DEFAULT_MIN_SIZE, DEFAULT_MIN_SIZE), resize_mode="none",
         output_layout="rcnn_candidates",
-        output_names=("boxes__0", "scores__0", "labels__0", "count__0") + (("masks__0",) if _masks else ()),
+        output_names=("boxes__0", "scores__1", "labels__2", "count__3") + (("masks__4",) if _masks else ()),
         options=_options(_k), output_specs=_output_specs(_masks, _k), variable_input_size=True,
         sized_options=_sized_options, classes_key="roi_heads.box_predictor.cls_score.weight",
     ))

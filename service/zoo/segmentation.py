@@ -17,9 +17,11 @@ from __future__ import annotations
 
 from typing import List
 
+import numpy as np
 import torch
 from torch import nn
 
+from ..spec import TensorSpec
 from . import Architecture, NormalizedModel, register
 
 # PASCAL VOC 2012's 20 classes plus background: the class set U-Net and SegNet
@@ -236,6 +238,12 @@ def _wrap(model, spec) -> nn.Module:
 UNET_BASE_WIDTH = 32
 
 
+def _logits_specs(num_labels: int, height: int, width: int) -> tuple[TensorSpec, ...]:
+    """The exported output: per-pixel logits float32 [C, H, W] at the input size (the
+    gateway's semantic pipeline reads it as layout `logits_nchw`)."""
+    return (TensorSpec("logits__0", np.dtype(np.float32), (num_labels, height, width)),)
+
+
 def build_unet(num_classes: int) -> nn.Module:
     return UNet(num_classes=num_classes, depth=4, base_width=UNET_BASE_WIDTH).eval()
 
@@ -247,10 +255,11 @@ def build_segnet(num_classes: int) -> nn.Module:
 register(Architecture(
     name="unet", task="semantic_segmentation", build=build_unet, wrap=_wrap,
     num_classes=VOC_NUM_CLASSES, labels_resource=VOC_LABELS_RESOURCE, input_size=(256, 256),
-    resize_mode="stretch", output_layout="logits_nchw",
+    resize_mode="stretch", output_layout="logits_nchw", output_specs=_logits_specs, classes_key="outc.weight",
 ))
 register(Architecture(
     name="segnet", task="semantic_segmentation", build=build_segnet, wrap=_wrap,
     num_classes=VOC_NUM_CLASSES, labels_resource=VOC_LABELS_RESOURCE, input_size=(256, 256),
-    resize_mode="stretch", output_layout="logits_nchw",
+    resize_mode="stretch", output_layout="logits_nchw", output_specs=_logits_specs,
+    classes_key="classifier.weight",
 ))

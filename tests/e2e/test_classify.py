@@ -113,12 +113,6 @@ def test_unknown_model_is_not_found(vision):
     assert "no_such_model" in info.value.details()
 
 
-def test_unimplemented_rpcs_say_so(vision):
-    with pytest.raises(grpc.RpcError) as info:
-        vision.Detect(vision_pb2.DetectRequest(model="resnet18"), timeout=30)
-    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
-
-
 def test_health_and_metrics(stack, vision):
     import urllib.request
 

@@ -31,9 +31,9 @@ def test_triton_serves_rcnn_candidates(stack, arch):
     k = int(spec.option("max_candidates"))
     for tensor, array in zip(spec.outputs, served):
         assert array.shape == (1, *tensor.dims) and array.dtype == tensor.dtype
-    count = int(served[names.index("count__0")][0, 0])
+    count = int(served[names.index("count__3")][0, 0])
     assert 0 < count < k
-    scores = served[names.index("scores__0")][0]
+    scores = served[names.index("scores__1")][0]
     assert np.all(np.diff(scores[:count]) <= 0) and not scores[count:].any()
 
     local = torch.jit.load(str(stack.repo / arch / "1" / "model.pt")).eval()
