@@ -59,3 +59,15 @@ def free_port() -> int:
 
 def as_array(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def bad_request_field(error) -> str:
+    """The field named by a gRPC error's BadRequest detail ("" when it has none)."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    for detail in rpc_status.from_call(error).details:
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad):
+            return bad.field_violations[0].field
+    return ""

@@ -5,10 +5,8 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
-from helpers import as_array, encode, photo
+from helpers import bad_request_field, as_array, encode, photo
 from service._proto import vision_pb2
 
 pytestmark = pytest.mark.e2e
@@ -84,14 +82,6 @@ def test_more_images_than_max_batch_size_come_back_in_order(vision):
         assert classify(vision, [image], top_k=1).results[0].labels[0].index == result.labels[0].index
 
 
-def _bad_request_field(error: grpc.RpcError) -> str:
-    status = rpc_status.from_call(error)
-    for detail in status.details:
-        bad = error_details_pb2.BadRequest()
-        if detail.Unpack(bad):
-            return bad.field_violations[0].field
-    return ""
-
 
 def test_bad_image_is_invalid_argument_naming_its_index(vision):
     good = vision_pb2.Image(encoded=encode(photo("chelsea.png"), "PNG"))
@@ -100,7 +90,7 @@ def test_bad_image_is_invalid_argument_naming_its_index(vision):
         classify(vision, [good, bad])
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "images[1]" in info.value.details()
-    assert _bad_request_field(info.value) == "images[1].encoded"
+    assert bad_request_field(info.value) == "images[1].encoded"
     # ... and the server keeps serving.
     assert classify(vision, [good]).results[0].labels
 

@@ -11,11 +11,9 @@ import sys
 import grpc
 import numpy as np
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from PIL import Image
 
-from helpers import as_array, encode, photo, with_exif_orientation
+from helpers import bad_request_field, as_array, encode, photo, with_exif_orientation
 from service._proto import vision_pb2
 from stack_generation import GEN_FILE_SIZE
 
@@ -188,13 +186,6 @@ def test_jpeg_output(vision):
     assert len(low.image) < len(result.image)
 
 
-def _bad_request_field(error: grpc.RpcError) -> str:
-    for detail in rpc_status.from_call(error).details:
-        bad = error_details_pb2.BadRequest()
-        if detail.Unpack(bad):
-            return bad.field_violations[0].field
-    return ""
-
 
 @pytest.mark.parametrize("fields, field", [
     ({"output_format": "gif"}, "output_format"),
@@ -206,7 +197,7 @@ def test_bad_fields_are_invalid_argument(vision, fields, field):
     with pytest.raises(grpc.RpcError) as info:
         generate(vision, "cyclegan", images, **fields)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert _bad_request_field(info.value) == field and field in info.value.details()
+    assert bad_request_field(info.value) == field and field in info.value.details()
 
 
 def test_wrong_task_is_failed_precondition(vision):

@@ -9,11 +9,9 @@ import io
 import grpc
 import numpy as np
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from PIL import Image, ImageOps
 
-from helpers import as_array, encode, photo, with_exif_orientation
+from helpers import bad_request_field, as_array, encode, photo, with_exif_orientation
 from service._proto import vision_pb2
 from stack_segmentation import SEGNET_INPUT, UNET_INPUT
 
@@ -139,13 +137,6 @@ def test_semantic_models_ignore_valid_instance_fields(vision):
     assert with_fields.label_map_png == plain.label_map_png
 
 
-def _bad_request_field(error: grpc.RpcError) -> str:
-    for detail in rpc_status.from_call(error).details:
-        bad = error_details_pb2.BadRequest()
-        if detail.Unpack(bad):
-            return bad.field_violations[0].field
-    return ""
-
 
 @pytest.mark.parametrize("fields, field", [
     ({"score_threshold": 1.5}, "score_threshold"),
@@ -159,7 +150,7 @@ def test_bad_fields_are_invalid_argument_naming_the_field(vision, fields, field)
     with pytest.raises(grpc.RpcError) as info:
         segment(vision, "unet", image, **fields)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert _bad_request_field(info.value) == field
+    assert bad_request_field(info.value) == field
     assert segment(vision, "unet", image).results[0].label_map_png  # still serving
 
 
