@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from . import boxes
+from .ops import boxes
 
 # Gathered feature rows per step of roi_align: [rows, C] float32 temporaries of 4 MiB,
 # a handful alive at once, whatever the number of RoIs.

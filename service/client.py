@@ -127,7 +127,7 @@ def _mask(mask, height: int, width: int):
 
     import numpy as np
 
-    from .masks import decode_rle
+    from .ops.masks import decode_rle
 
     if mask.WhichOneof("encoding") == "png":
         return np.asarray(Image.open(io.BytesIO(mask.png))).astype(bool)

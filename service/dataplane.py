@@ -1,9 +1,11 @@
 """The data plane: runs a task pipeline for plain request data.
 
 It knows nothing of gRPC or protobuf (server.py translates), and nothing of torch.
-Per request: resolve the model's spec (cached, from Triton) -> decode and preprocess
-in a thread pool -> one Triton call per `max_batch_size` chunk, concurrently -> post-
-process. Each stage is timed in metrics.
+Per request: resolve the model's spec (cached, from Triton; its options parsed once)
+-> decode and preprocess in a thread pool (the task's preprocess returns the model's
+tensors, normalized and channel-ordered, plus a per-image context) -> the batching
+plan's Triton calls, concurrently -> postprocess with each image's context. Each stage
+is timed in metrics.
 """
 from __future__ import annotations
 
@@ -16,8 +18,8 @@ import numpy as np
 
 from . import metrics
 from .errors import FailedPrecondition, InvalidArgument, Unavailable
-from .imaging import Decoded, normalize
-from .pipelines.common import ImageInput, Task, Tensors, decode_image
+from .pipelines import layouts
+from .pipelines.common import Context, ImageInput, Task, Tensors, decode_image
 from .settings import Settings
 from .spec import ModelSpec
 from .triton import ModelStatus, TritonModels
@@ -54,6 +56,10 @@ class DataPlane:
         if spec.task not in tasks:
             raise FailedPrecondition(
                 f"model {model!r} is a {spec.task} model; this method needs {' or '.join(tasks)}")
+        try:
+            spec.settings  # parsed once per cached spec
+        except (layouts.BadModelOption, layouts.LayoutError) as exc:
+            raise FailedPrecondition(f"model {model!r}: {exc}") from None
         return spec
 
     def check_images(self, images: Sequence[ImageInput]) -> None:
@@ -74,69 +80,51 @@ class DataPlane:
 
     async def prepare(
         self, images: Sequence[ImageInput], spec: ModelSpec, task: Task, options,
-    ) -> tuple[list[Decoded], list[Tensors]]:
-        """Decode and preprocess every image off the event loop."""
+    ) -> list[tuple[Tensors, Context]]:
+        """Decode and preprocess every image off the event loop: each image's model
+        inputs (ready to send) and its context for postprocess."""
         max_pixels = self.settings.max_image_pixels
 
-        def work() -> tuple[list[Decoded], list[Tensors]]:
+        def work() -> list[tuple[Tensors, Context]]:
             with metrics.stage(spec.name, "decode"):
                 decoded = [decode_image(image, i, max_pixels) for i, image in enumerate(images)]
             with metrics.stage(spec.name, "preprocess"):
-                inputs = [task.preprocess(d, spec, options) for d in decoded]
-            return decoded, inputs
+                return [task.preprocess(d, spec, options) for d in decoded]
 
         return await self._in_pool(work)
-
-    def _model_inputs(self, spec: ModelSpec, inputs: Tensors) -> Tensors:
-        image = spec.image_input
-        batch = inputs[image.name]
-        if not spec.normalize_in_model:
-            batch = normalize(batch, spec.mean, spec.std).astype(image.dtype, copy=False)
-        if spec.channel_order == "BGR":
-            batch = np.ascontiguousarray(batch[:, ::-1])
-        return {**inputs, image.name: batch}
 
     async def infer(
         self, spec: ModelSpec, version: str, per_image: list[Tensors], timeout_s: float | None
     ) -> tuple[list[Tensors], str]:
         """Run every image's items through the model and return each image's outputs.
 
-        Items whose inputs have equal shapes are concatenated and sent in chunks of at
-        most `max_batch_size` (variable-size models form one group per shape); all
-        chunks run concurrently and the outputs are split back per image, in order.
-        Arrays a pipeline's preprocess returned under names that are not model inputs
-        (e.g. R-CNN's proposals) stay in the gateway and come back with that image's
-        outputs, unchanged."""
-        model_inputs = {t.name for t in spec.inputs}
-        kept = [{k: v for k, v in t.items() if k not in model_inputs} for t in per_image]
-        per_image = [{k: v for k, v in t.items() if k in model_inputs} for t in per_image]
-        groups: dict[tuple, list[int]] = {}
-        for i, tensors in enumerate(per_image):
-            key = tuple((name, a.shape[1:], a.dtype.str) for name, a in sorted(tensors.items()))
-            groups.setdefault(key, []).append(i)
-        calls, plan = [], []  # plan: (group's image indices, item counts, first call, n calls)
-        for members in groups.values():
-            counts = [len(next(iter(per_image[i].values()))) for i in members]
-            # A group of one image (the common request) is sent as it is, without a copy.
-            joined = per_image[members[0]] if len(members) == 1 else {
-                name: np.concatenate([per_image[i][name] for i in members]) for name in per_image[members[0]]}
-            joined = self._model_inputs(spec, joined)
-            total = sum(counts)
-            step = spec.max_batch_size if spec.max_batch_size > 0 else total
-            first = len(calls)
-            for lo in range(0, total, step):
-                chunk = {name: a[lo:lo + step] for name, a in joined.items()}
-                calls.append(self.triton.infer(spec, version, chunk, timeout_s))
-            plan.append((members, counts, first, len(calls) - first))
+        The batching plan is `batch_plan`; all calls run concurrently and the outputs
+        are split back per image, in order."""
+        batches = batch_plan([len(next(iter(t.values()))) for t in per_image],
+                             [_shape_key(t) for t in per_image], spec.max_batch_size)
+        calls = []
+        for batch in batches:
+            # A call of one image's items (the common request) is sent as it is, without a copy.
+            if len(batch.parts) == 1:
+                i, lo, hi = batch.parts[0]
+                tensors = per_image[i] if (lo, hi) == (0, len(next(iter(per_image[i].values())))) else \
+                    {name: a[lo:hi] for name, a in per_image[i].items()}
+            else:
+                tensors = {name: np.concatenate([per_image[i][name][lo:hi] for i, lo, hi in batch.parts])
+                           for name in per_image[batch.parts[0][0]]}
+            calls.append(self.triton.infer(spec, version, tensors, timeout_s))
         with metrics.stage(spec.name, "infer"):
             answers = await asyncio.gather(*calls)
-        results: list[Tensors] = [{} for _ in per_image]
-        for members, counts, first, n in plan:
-            part = answers[first:first + n]
-            joined = {name: np.concatenate([out[name] for out, _ in part]) for name in part[0][0]}
-            offsets = np.cumsum([0] + counts)
-            for i, lo, hi in zip(members, offsets[:-1], offsets[1:]):
-                results[i] = {**kept[i], **{name: a[lo:hi] for name, a in joined.items()}}
+        pieces: list[list[Tensors]] = [[] for _ in per_image]
+        for batch, (outputs, _) in zip(batches, answers):
+            at = 0
+            for i, lo, hi in batch.parts:
+                pieces[i].append({name: a[at:at + hi - lo] for name, a in outputs.items()})
+                at += hi - lo
+        # An image without items (none of its proposals) gets empty outputs.
+        empty = {name: a[:0] for name, a in answers[0][0].items()}
+        results = [empty if not parts else parts[0] if len(parts) == 1 else
+                   {name: np.concatenate([p[name] for p in parts]) for name in parts[0]} for parts in pieces]
         return results, answers[0][1]
 
     async def run(
@@ -147,12 +135,12 @@ class DataPlane:
         self.check_images(images)
         spec = await self.resolve(model, version, task.tasks)
         options = task.options(request, spec)
-        decoded, inputs = await self.prepare(images, spec, task, options)
-        outputs, answered_version = await self.infer(spec, version, inputs, timeout_s)
+        prepared = await self.prepare(images, spec, task, options)
+        outputs, answered_version = await self.infer(spec, version, [t for t, _ in prepared], timeout_s)
 
         def post() -> list:
             with metrics.stage(spec.name, "postprocess"):
-                return [task.postprocess(o, spec, d, options) for o, d in zip(outputs, decoded)]
+                return [task.postprocess(o, c, spec, options) for o, (_, c) in zip(outputs, prepared)]
 
         return Answer(spec.name, answered_version, await self._in_pool(post))
 
@@ -168,3 +156,45 @@ class DataPlane:
                     spec = None
             out.append((status, spec))
         return out
+
+
+# ------------------------------------------------------------------- batching plan
+@dataclass(frozen=True)
+class Batch:
+    """One Triton call: ``parts`` are (image index, first item, end item) slices of the
+    images' items, concatenated in this order."""
+
+    parts: tuple[tuple[int, int, int], ...]
+
+
+def _shape_key(tensors: Tensors) -> tuple:
+    return tuple((name, a.shape[1:], a.dtype.str) for name, a in sorted(tensors.items()))
+
+
+def batch_plan(counts: Sequence[int], shapes: Sequence, max_batch_size: int) -> list[Batch]:
+    """How the items of several images go to Triton: images whose inputs have equal
+    per-item shapes (`shapes`, any hashable key) form a group, in order of first
+    appearance; a group's items (image i has `counts[i]`) are concatenated in image
+    order and cut into calls of at most `max_batch_size` items (a model without
+    batching, max_batch_size 0, takes each group in one call)."""
+    groups: dict = {}
+    for i, key in enumerate(shapes):
+        groups.setdefault(key, []).append(i)
+    batches = []
+    for members in groups.values():
+        total = sum(counts[i] for i in members)
+        step = max_batch_size if max_batch_size > 0 else max(total, 1)
+        parts, room = [], step
+        for i in members:
+            lo = 0
+            while lo < counts[i]:
+                take = min(room, counts[i] - lo)
+                parts.append((i, lo, lo + take))
+                lo += take
+                room -= take
+                if room == 0:
+                    batches.append(Batch(tuple(parts)))
+                    parts, room = [], step
+        if parts:
+            batches.append(Batch(tuple(parts)))
+    return batches

@@ -28,6 +28,7 @@ import torch
 from google.protobuf import text_format
 
 from . import zoo
+from .pipelines import layouts
 from .spec import MODEL_FILENAME, ModelSpec, TensorSpec
 
 log = logging.getLogger("convserve.export")
@@ -39,7 +40,6 @@ LABELS_FILE = "labels.txt"
 ONNX_OPSET = 17
 # Entry-name suffix per format, so one repository can hold every format of a model.
 NAME_SUFFIX = {"torchscript": "", "onnx": "_onnx", "tensorrt": "_trt"}
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class ExportError(Exception):
@@ -260,7 +260,7 @@ def build_spec(arch: zoo.Architecture, name: str, labels: list[str], max_batch_s
     options = {**arch.options, **(arch.sized_options(height, width) if arch.sized_options else {}),
                **{k: str(v) for k, v in (options or {}).items()}}
     if arch.output_specs is None:
-        outputs = (TensorSpec(arch.output_names[0], np.dtype(np.float32), (len(labels),)),)
+        outputs = zoo.contract(arch.output_layout, C=len(labels))
     else:
         outputs = tuple(arch.output_specs(len(labels), height, width))
     in_dims = (3, -1, -1) if arch.variable_input_size else (3, height, width)
@@ -390,156 +390,25 @@ def write_entry(repo: Path, spec: ModelSpec, fmt: str, version: int, write_model
 
 
 # ------------------------------------------------------------- bring your own file
-@dataclass(frozen=True)
-class FileOutputs:
-    """What a task makes of a file's outputs on the sample batch: the output tensor
-    specs and the spec fields that depend on them."""
-
-    outputs: tuple[TensorSpec, ...]
-    output_layout: str
-    resize_mode: str
-    resize_size: int = 0
-    options: dict | None = None
-    # The task's default input normalization, when --mean/--std are not given (None:
-    # ImageNet's).
-    mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
-
-
-def _classification_outputs(outputs: list[tuple[str, np.ndarray]], labels: list[str], input_size: int,
-                            layout: str | None, source: str) -> FileOutputs:
-    name, out = outputs[0]
-    if out.shape != (2, len(labels)):
-        raise ExportError(f"{source} outputs shape {list(out.shape)} for 2 images; "
-                          f"{len(labels)} labels need [2, {len(labels)}]")
-    if layout not in (None, "logits", "probabilities"):
-        raise ExportError(f"--layout for classification is logits or probabilities, got {layout!r}")
-    return FileOutputs((TensorSpec(name, np.dtype(np.float32), (len(labels),)),), layout or "logits",
-                       "resize_center_crop", round(input_size * 256 / 224))
-
-
-# Detection files default to Ultralytics' conventions: inputs x / 255 (mean 0, std 1),
-# letterbox, and its predict thresholds.
-DETECTION_FILE_OPTIONS = {"score_threshold": "0.25", "iou_threshold": "0.7", "max_detections": "300"}
-
-
-def _detection_outputs(outputs: list[tuple[str, np.ndarray]], labels: list[str], input_size: int,
-                       layout: str | None, source: str) -> FileOutputs:
-    """yolov8: one output [N, 4 + C, A]; yolov5: [N, A, 5 + C]; C = the label count."""
-    layout = layout or "yolov8"
-    if layout not in ("yolov8", "yolov5"):
-        raise ExportError(f"--layout for detection files is yolov8 or yolov5, got {layout!r}")
-    name, out = outputs[0]
-    c = len(labels)
-    if out.ndim != 3 or out.shape[0] != 2:
-        raise ExportError(f"{source} outputs shape {list(out.shape)} for 2 images; layout {layout} needs "
-                          + ("[2, 4 + C, A]" if layout == "yolov8" else "[2, A, 5 + C]"))
-    rows = out.shape[1] if layout == "yolov8" else out.shape[2]
-    extra = 4 if layout == "yolov8" else 5
-    if rows != extra + c:
-        raise ExportError(f"{source} outputs shape {list(out.shape)}: layout {layout} with {c} labels needs "
-                          f"{extra} + {c} = {extra + c} values per box, the file has {rows}")
-    dims = tuple(int(d) for d in out.shape[1:])
-    return FileOutputs((TensorSpec(name, np.dtype(np.float32), dims),), layout, "letterbox",
-                       options=dict(DETECTION_FILE_OPTIONS), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-
-
-GENERATION_LAYOUTS = ("image_nchw_tanh", "image_nchw_01")
-
-
-def _generation_outputs(outputs: list[tuple[str, np.ndarray]], labels: list[str], input_size: int,
-                        layout: str | None, source: str) -> FileOutputs:
-    """An image-to-image generator: one output [N, 3, S, S] at the input's size, in
-    [-1, 1] (image_nchw_tanh, the default) or [0, 1] (image_nchw_01). The gateway
-    stretches images to S x S and the output back to each image's size; by default it
-    feeds [-1, 1] (mean = std = 0.5), as pix2pix/CycleGAN were trained."""
-    name, out = outputs[0]
-    if out.shape != (2, 3, input_size, input_size):
-        raise ExportError(f"{source} outputs shape {list(out.shape)} for 2 images of {input_size}x{input_size}; "
-                          f"a generator needs [2, 3, {input_size}, {input_size}] (the input's size)")
-    if layout not in (None, *GENERATION_LAYOUTS):
-        raise ExportError(f"--layout for generation is {' or '.join(GENERATION_LAYOUTS)}, got {layout!r}")
-    return FileOutputs((TensorSpec(name, np.dtype(np.float32), (3, input_size, input_size)),),
-                       layout or GENERATION_LAYOUTS[0], "stretch", mean=zoo.generation.GAN_MEAN,
-                       std=zoo.generation.GAN_STD)
-
-
-def _semantic_segmentation_outputs(outputs: list[tuple[str, np.ndarray]], labels: list[str], input_size: int,
-                                   layout: str | None, source: str) -> FileOutputs:
-    """A semantic segmenter's first output: per-pixel class scores [N, C, S, S] at the
-    input size, C = the number of labels (logits or probabilities: the gateway keeps
-    only the argmax, after resizing them bilinearly to the original image)."""
-    name, out = outputs[0]
-    want = (2, len(labels), input_size, input_size)
-    if out.shape != want:
-        raise ExportError(f"{source} outputs shape {list(out.shape)} for 2 images of {input_size}x{input_size}; "
-                          f"semantic segmentation with {len(labels)} labels needs {list(want)}")
-    if layout not in (None, "logits_nchw"):
-        raise ExportError(f"--layout for semantic_segmentation is logits_nchw, got {layout!r}")
-    return FileOutputs((TensorSpec(name, np.dtype(np.float32), want[1:]),), "logits_nchw", "stretch")
-
-
-# The rcnn_candidates contract (see service/pipelines/segmentation.py): output names in
-# order, with their dtypes and per-image shapes (K candidates, M x M masks).
-RCNN_CANDIDATES = (("boxes__0", np.float32, ("K", 4)), ("scores__1", np.float32, ("K",)),
-                   ("labels__2", np.int64, ("K",)), ("count__3", np.int32, (1,)),
-                   ("masks__4", np.float32, ("K", "M", "M")))
-
-
-def _instance_segmentation_outputs(outputs: list[tuple[str, np.ndarray]], labels: list[str], input_size: int,
-                                   layout: str | None, source: str) -> FileOutputs:
-    """A Mask R-CNN-style file following the rcnn_candidates contract: it takes uint8
-    images [N, 3, H, W] of any size (RGB, 0-255; it resizes and normalizes itself) and
-    returns, per image, K candidates before the final NMS, best first:
-    boxes [K, 4] float32 (x1, y1, x2, y2, input pixels), scores [K] float32, labels [K]
-    int64 (indices into the labels file), count [1] int32 (valid rows; the rest is
-    zero padding) and masks [K, M, M] float32 (each candidate's own class's mask
-    probabilities). ONNX files name these outputs boxes__0, scores__1, labels__2,
-    count__3, masks__4; TorchScript files return them as a tuple in that order."""
-    if layout not in (None, "rcnn_candidates"):
-        raise ExportError(f"--layout for instance_segmentation is rcnn_candidates, got {layout!r}")
-    by_name = dict(outputs)
-    if all(name in by_name for name, _, _ in RCNN_CANDIDATES):
-        arrays = [by_name[name] for name, _, _ in RCNN_CANDIDATES]
-    elif len(outputs) == len(RCNN_CANDIDATES) and all(name.startswith("output__") for name, _ in outputs):
-        arrays = [out for _, out in outputs]  # TorchScript: positional
-    else:
-        raise ExportError(f"{source} has outputs {[n for n, _ in outputs]}; instance_segmentation files must "
-                          f"return {', '.join(n for n, _, _ in RCNN_CANDIDATES)} (the rcnn_candidates contract)")
-    k = arrays[0].shape[1] if arrays[0].ndim == 3 else -1
-    m = arrays[4].shape[-1] if arrays[4].ndim == 4 else -1
-    specs = []
-    for (name, dtype, dims), out in zip(RCNN_CANDIDATES, arrays):
-        want = tuple(k if d == "K" else m if d == "M" else d for d in dims)
-        if out.dtype != np.dtype(dtype) or out.shape != (1, *want) or k < 1 or m < 1:
-            raise ExportError(f"{source}: output {name} is {out.dtype} {list(out.shape)} for one image; the "
-                              f"rcnn_candidates contract needs {np.dtype(dtype)} [1, {', '.join(map(str, dims))}]")
-        specs.append(TensorSpec(name, np.dtype(dtype), want))
-    count = int(arrays[3].reshape(-1)[0])
-    valid_labels = arrays[2][0, :max(count, 0)]
-    if not 0 <= count <= k or (valid_labels.size and not 0 <= valid_labels.min() <= valid_labels.max() < len(labels)):
-        raise ExportError(f"{source}: count {count} must lie in [0, {k}] and labels in [0, {len(labels)}) "
-                          f"({len(labels)} labels in the labels file)")
-    return FileOutputs(tuple(specs), "rcnn_candidates", "none",
-                       options={"score_threshold": "0.05", "iou_threshold": "0.5", "max_detections": "100",
-                                "max_candidates": str(k)})
-
-
-# --task -> how that task checks a file's outputs and describes them. Each task that
-# accepts --from-file adds itself here.
-FILE_TASKS: dict[str, Callable[..., FileOutputs]] = {
-    "classification": _classification_outputs,
-    "detection": _detection_outputs,
-    "semantic_segmentation": _semantic_segmentation_outputs,
-    "instance_segmentation": _instance_segmentation_outputs,
-    "generation": _generation_outputs,
-}
+# --task -> the layout a file of that task has unless --layout says otherwise. Each
+# layout's file check (its registry entry) validates the file's outputs.
+FILE_LAYOUTS = {"classification": "logits", "detection": "yolov8", "semantic_segmentation": "logits_nchw",
+                "instance_segmentation": "rcnn_candidates", "generation": "image_nchw_tanh"}
 # Tasks whose models have no classes: --labels is optional for them.
 UNLABELLED_TASKS = ("generation",)
 # Tasks whose files take uint8 RGB images [N, 3, H, W] of any size and resize and
 # normalize them themselves (one image is sent per call); the others take float32
 # [N, 3, S, S] normalized with --mean/--std.
 RAW_IMAGE_TASKS = ("instance_segmentation",)
+
+
+def file_layout(task: str, layout: str | None) -> layouts.Layout:
+    """The registry entry for a file of `task` with `--layout` (None: the task's default)."""
+    allowed = [name for name in layouts.for_task(task) if layouts.LAYOUTS[name].file_check is not None]
+    name = layout or FILE_LAYOUTS[task]
+    if name not in allowed:
+        raise ExportError(f"--layout for {task} is {' or '.join(allowed)}, got {layout!r}")
+    return layouts.LAYOUTS[name]
 
 
 def _run_file(source: Path, fmt: str, sample: np.ndarray) -> tuple[str, list[tuple[str, np.ndarray]]]:
@@ -587,8 +456,9 @@ def export_from_file(
     normalizes; mean/std default to the task's, ImageNet's for most); the file must
     load, and its outputs must fit the task and `layout`."""
     source = Path(source)
-    if task not in FILE_TASKS:
-        raise ExportError(f"--from-file supports --task {', '.join(FILE_TASKS)}; got {task!r}")
+    if task not in FILE_LAYOUTS:
+        raise ExportError(f"--from-file supports --task {', '.join(FILE_LAYOUTS)}; got {task!r}")
+    entry = file_layout(task, layout)
     if not source.is_file():
         raise ExportError(f"model file {source} does not exist")
     if labels_file is None and task not in UNLABELLED_TASKS:
@@ -607,15 +477,20 @@ def export_from_file(
         sample = rng.normal(size=(2, 3, input_size, input_size)).astype(np.float32)
         image_input = (np.dtype(np.float32), (3, input_size, input_size))
     in_name, outputs = _run_file(source, fmt, sample)
-    described = FILE_TASKS[task](outputs, labels, input_size, layout, source.name)
+    try:
+        described = entry.file_check(outputs, labels, input_size, entry.name, source.name)
+    except layouts.LayoutError as exc:
+        raise ExportError(str(exc)) from None
     spec = ModelSpec(
         name=name, task=task, architecture=f"custom:{source.name}",
         inputs=(TensorSpec(in_name, *image_input),),
-        outputs=described.outputs, max_batch_size=1 if raw_images else max_batch_size,
+        outputs=tuple(TensorSpec(t.name, t.dtype, t.dims) for t in described.outputs),
+        max_batch_size=1 if raw_images else max_batch_size,
         resize_mode=resize_mode or described.resize_mode,
         resize_size=described.resize_size if (resize_mode or described.resize_mode) == "resize_center_crop" else 0,
-        mean=tuple(mean or described.mean or IMAGENET_MEAN), std=tuple(std or described.std or IMAGENET_STD),
-        output_layout=described.output_layout, labels=tuple(labels),
+        mean=tuple(mean or described.mean or layouts.IMAGENET_MEAN),
+        std=tuple(std or described.std or layouts.IMAGENET_STD),
+        output_layout=entry.name, labels=tuple(labels),
         options=dict(described.options or {}))
     path, _ = write_entry(repo, spec, fmt, version, lambda dest: (shutil.copyfile(source, dest), 0.0)[1],
                           version_policy=version_policy, max_queue_size=max_queue_size)

@@ -259,13 +259,17 @@ def _detect_options(request) -> dict:
 
 
 def detections_to_proto(result) -> list[vision_pb2.Detection]:
-    """`pipelines.detection.Detections` (or anything with boxes/scores/labels/names)
-    as Detection messages, best first."""
-    return [vision_pb2.Detection(
-                box=vision_pb2.Box(x_min=x1, y_min=y1, x_max=x2, y_max=y2),
-                label=vision_pb2.Label(index=label, name=name, score=score))
-            for (x1, y1, x2, y2), score, label, name in zip(
-                result.boxes.tolist(), result.scores.tolist(), result.labels.tolist(), result.names)]
+    """`pipelines.detection.Detections` as Detection messages, best first, each with its
+    mask (RLE at the image's size, or PNG) when the result has masks."""
+    out = [vision_pb2.Detection(
+               box=vision_pb2.Box(x_min=x1, y_min=y1, x_max=x2, y_max=y2),
+               label=vision_pb2.Label(index=label, name=name, score=score))
+           for (x1, y1, x2, y2), score, label, name in zip(
+               result.boxes.tolist(), result.scores.tolist(), result.labels.tolist(), result.names)]
+    for message, mask in zip(out, result.masks or ()):
+        message.mask.CopyFrom(vision_pb2.Mask(png=mask["png"]) if "png" in mask else vision_pb2.Mask(
+            rle=vision_pb2.Rle(height=result.height, width=result.width, counts=mask["rle"])))
+    return out
 
 
 def _detect_response(answer) -> vision_pb2.DetectResponse:
@@ -282,16 +286,10 @@ _MASK_FORMATS = {vision_pb2.MASK_FORMAT_UNSPECIFIED: None, vision_pb2.MASK_FORMA
 
 
 def _segmentation(result) -> vision_pb2.Segmentation:
-    out = vision_pb2.Segmentation(
+    return vision_pb2.Segmentation(
         label_map_png=result.label_map_png, image_width=result.width, image_height=result.height,
-        classes=[vision_pb2.ClassPixels(label=_label(c.label), pixels=c.pixels) for c in result.classes])
-    for instance in result.instances:
-        x1, y1, x2, y2 = instance.box
-        mask = (vision_pb2.Mask(png=instance.png) if instance.png is not None else
-                vision_pb2.Mask(rle=vision_pb2.Rle(height=result.height, width=result.width, counts=instance.rle)))
-        out.instances.append(vision_pb2.Detection(
-            box=vision_pb2.Box(x_min=x1, y_min=y1, x_max=x2, y_max=y2), label=_label(instance.label), mask=mask))
-    return out
+        classes=[vision_pb2.ClassPixels(label=_label(c.label), pixels=c.pixels) for c in result.classes],
+        instances=detections_to_proto(result.instances) if result.instances is not None else [])
 
 
 def model_info(status, spec) -> vision_pb2.ModelInfo:

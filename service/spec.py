@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Iterable
 
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
+
+from .ops.resize import RESIZE_MODES
+from .pipelines import layouts
 
 PARAM_PREFIX = "convserve."
 
@@ -24,7 +28,6 @@ TASKS = (
     "instance_segmentation",
     "generation",
 )
-RESIZE_MODES = ("resize_center_crop", "letterbox", "stretch", "none")
 FORMATS = ("torchscript", "onnx", "tensorrt")
 
 # Triton's config data types <-> numpy dtypes.
@@ -134,8 +137,17 @@ class ModelSpec:
     def normalize_in_model(self) -> bool:
         return np.dtype(self.image_input.dtype) == np.uint8
 
-    def option(self, key: str, default: str | None = None) -> str | None:
-        return self.options.get(key, default)
+    @cached_property
+    def layout(self) -> layouts.Layout:
+        """The registry entry of `output_layout`; raises layouts.LayoutError."""
+        return layouts.get(self.output_layout)
+
+    @cached_property
+    def settings(self) -> layouts.Settings:
+        """`options` parsed and validated against the layout's typed options, once per
+        spec (the gateway caches specs); raises layouts.BadModelOption naming the key,
+        or layouts.LayoutError for an unknown layout."""
+        return self.layout.parse_options(self.options)
 
     def with_name(self, name: str) -> "ModelSpec":
         return replace(self, name=name)

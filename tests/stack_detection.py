@@ -34,7 +34,7 @@ def make_yolo_checkpoint(path: Path) -> Path:
 
     from helpers import PHOTO_NAMES, photo
     from service import zoo
-    from service.imaging import letterbox
+    from service.ops.imaging import letterbox
 
     torch.manual_seed(YOLO_SEED)
     model = zoo.get("yolo").build(80)

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from service import boxes
+from service.ops import boxes
 
 F32 = np.float32
 

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.errors import InvalidArgument
-from service.imaging import (Decoded, center_crop_placement, letterbox, letterbox_geometry, letterbox_placement,
-                             resized_size_shorter_side, stretch_placement)
-from service.pipelines import detection
+from service.errors import FailedPrecondition, InvalidArgument
+from service.ops import resize
+from service.ops.imaging import Decoded
+from service.ops.resize import letterbox, letterbox_geometry, resized_size_shorter_side
+from service.pipelines import detection, layouts
+from service.pipelines.common import Context, resize_plan
 from service.spec import ModelSpec, TensorSpec
 
 LABELS = tuple(f"c{i}" for i in range(6))
@@ -80,6 +82,11 @@ def make_spec(layout="yolov8", size=(320, 256), resize_mode="letterbox", options
                      resize_mode=resize_mode, output_layout=layout, labels=LABELS, options=options or {})
 
 
+def context(spec, width, height) -> Context:
+    """The context preprocess makes for a width x height image."""
+    return Context(width, height, resize_plan(spec, width, height))
+
+
 def random_rows(rng, n, w, h, objectness=False):
     """n candidate rows in input pixels: clustered boxes so that NMS has work to do."""
     centers = rng.uniform(0, [w, h], (6, 2))
@@ -112,7 +119,7 @@ def test_letterbox_placement_inverts_the_forward_map(size):
                                rng.uniform(0, w, (20, 1)), rng.uniform(0, h, (20, 1))], 1)
     # Forward: the resize maps [0, w] onto [left, left + new_w] (pixel edges).
     forward = original * np.array([new_w / w, new_h / h] * 2) + np.array([left, top] * 2)
-    back = letterbox_placement(w, h, 320, 256).to_original(forward.astype(np.float64))
+    back = resize.plan("letterbox", w, h, 320, 256).to_original(forward.astype(np.float64))
     np.testing.assert_allclose(back, original, rtol=0, atol=1e-9)
     # Ultralytics' scale_boxes divides by r instead: within half an input pixel.
     r = min(256 / h, 320 / w)
@@ -129,15 +136,15 @@ def test_letterbox_keeps_content_where_the_placement_says():
     chw = letterbox(Image.fromarray(img), 320, 320)
     ys, xs = np.nonzero(chw.mean(0) > 127.5)
     box = np.array([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], np.float64)
-    back = letterbox_placement(w, h, 320, 320).to_original(box)[0]
+    back = resize.plan("letterbox", w, h, 320, 320).to_original(box)[0]
     np.testing.assert_allclose(back, rect, atol=1.0)
 
 
 def test_stretch_and_center_crop_placements():
-    p = stretch_placement(200, 100, 50, 50)
+    p = resize.plan("stretch", 200, 100, 50, 50)
     np.testing.assert_allclose(p.to_original(np.array([[0, 0, 50, 50]], np.float32)), [[0, 0, 200, 100]])
     # resize_center_crop: shorter side 100 -> 64 (the longer 200 -> 128), crop 56 centered.
-    p = center_crop_placement(200, 100, 64, 56, 56)
+    p = resize.plan("resize_center_crop", 200, 100, 56, 56, resize_size=64)
     new_w, new_h = resized_size_shorter_side(200, 100, 64)
     left, top = round((new_w - 56) / 2), round((new_h - 56) / 2)
     crop = np.array([[0, 0, 56, 56]], np.float64)
@@ -159,7 +166,7 @@ def test_postprocess_equals_slow_reference(layout, seed):
     options = detection.DetectOptions(score_threshold=0.3, iou_threshold=0.45, max_detections=25,
                                       class_ids=classes, class_agnostic=seed == 2)
     w, h = 500, 300
-    got = detection.postprocess({"predictions__0": out}, spec, Decoded(Image.new("RGB", (w, h))), options)
+    got = detection.postprocess({"predictions__0": out}, context(spec, w, h), spec, options)
     expected = slow_detect(rows, 0.3, 0.45, 25, classes, agnostic=seed == 2, objectness=v5)
     assert len(expected) >= 5
     assert got.labels.tolist() == [e[1] for e in expected]
@@ -182,7 +189,7 @@ def test_rcnn_candidates_use_only_the_counted_rows():
     outputs = {"boxes__0": boxes[None], "scores__1": np.array([[0.9, 0.8, 0.7, 0.6, 0.99, 0.99]], np.float32),
                "labels__2": np.array([[1, 1, 2, 1, 3, 3]]), "count__3": np.array([[4]], np.int32)}
     options = detection.resolve_options({}, spec)
-    got = detection.postprocess(outputs, spec, Decoded(Image.new("RGB", (120, 130))), options)
+    got = detection.postprocess(outputs, context(spec, 120, 130), spec, options)
     # Row 1 is suppressed by row 0 (IoU 0.9 > 0.5, same class); rows 4-5 are padding.
     assert got.labels.tolist() == [1, 2, 1]
     np.testing.assert_allclose(got.boxes, [[10, 10, 50, 50], [100, 100, 120, 130], [0, 0, 5, 5]])
@@ -191,17 +198,18 @@ def test_rcnn_candidates_use_only_the_counted_rows():
 def test_rcnn_images_above_max_input_side_are_downscaled_and_mapped_back():
     spec = make_spec("rcnn_candidates", options={"max_input_side": "100"})
     decoded = Decoded(Image.new("RGB", (400, 200)))
-    assert detection.preprocess(decoded, spec).shape == (3, 50, 100)
-    where = detection.placement(spec, 400, 200)
-    np.testing.assert_allclose(where.to_original(np.array([[10, 5, 100, 50]], np.float32)), [[40, 20, 400, 200]])
+    tensors, where = detection.preprocess(decoded, spec)
+    assert tensors["images__0"].shape == (1, 3, 50, 100)
+    np.testing.assert_allclose(where.plan.to_original(np.array([[10, 5, 100, 50]], np.float32)),
+                               [[40, 20, 400, 200]])
     small = make_spec("rcnn_candidates", options={"max_input_side": "1000"})
-    assert detection.preprocess(decoded, small).shape == (3, 200, 400)
+    assert detection.preprocess(decoded, small)[0]["images__0"].shape == (1, 3, 200, 400)
 
 
 def test_no_candidates_gives_an_empty_answer():
     spec = make_spec()
     out = np.zeros((1, 4 + len(LABELS), 50), np.float32)
-    got = detection.postprocess({"predictions__0": out}, spec, Decoded(Image.new("RGB", (10, 10))),
+    got = detection.postprocess({"predictions__0": out}, context(spec, 10, 10), spec,
                                 detection.resolve_options({}, spec))
     assert got.boxes.shape == (0, 4) and got.scores.shape == (0,) and got.names == ()
 
@@ -212,8 +220,11 @@ def test_options_default_to_the_models_then_the_pipelines():
                               "class_agnostic": "true"})
     assert detection.resolve_options({}, spec) == detection.DetectOptions(0.25, 0.7, 300, (), True)
     bare = detection.resolve_options({}, make_spec())
+    # A yolov8 model without options takes its layout's defaults: Ultralytics' predict ones.
+    yolo = layouts.get("yolov8")
     assert (bare.score_threshold, bare.iou_threshold, bare.max_detections, bare.class_agnostic) == (
-        detection.DEFAULT_SCORE_THRESHOLD, detection.DEFAULT_IOU_THRESHOLD, detection.DEFAULT_MAX_DETECTIONS, False)
+        yolo.default("score_threshold"), yolo.default("iou_threshold"), yolo.default("max_detections"), False)
+    assert (bare.score_threshold, bare.iou_threshold, bare.max_detections) == (0.25, 0.7, 300)
     got = detection.resolve_options({"score_threshold": 0.0, "iou_threshold": 1.0, "max_detections": 7,
                                      "class_ids": [5, 0]}, spec)
     assert (got.score_threshold, got.iou_threshold, got.max_detections, got.class_ids) == (0.0, 1.0, 7, (5, 0))
@@ -225,7 +236,7 @@ def test_options_default_to_the_models_then_the_pipelines():
     ({"score_threshold": math.nan}, "score_threshold"),
     ({"iou_threshold": 2.0}, "iou_threshold"),
     ({"max_detections": 0}, "max_detections"),
-    ({"max_detections": detection.MAX_DETECTIONS_CAP + 1}, "max_detections"),
+    ({"max_detections": layouts.MAX_DETECTIONS_CAP + 1}, "max_detections"),
     ({"class_ids": [0, 6]}, "class_ids[1]"),
 ])
 def test_bad_options_name_their_field(request_fields, field):
@@ -235,14 +246,12 @@ def test_bad_options_name_their_field(request_fields, field):
 
 
 def test_unknown_layout_is_refused():
-    spec = make_spec().__class__(**{**make_spec().__dict__, "output_layout": "ssd"})
-    with pytest.raises(InvalidArgument, match="ssd"):
-        detection.decode({"predictions__0": np.zeros((1, 10, 50), np.float32)}, spec)
+    spec = make_spec(layout="ssd")
+    with pytest.raises(FailedPrecondition, match="ssd"):
+        detection.TASK.options({}, spec)
 
 
 def test_resize_mode_and_input_size_must_agree():
-    from service.errors import FailedPrecondition
-
     fixed_none = make_spec(resize_mode="none")
     with pytest.raises(FailedPrecondition, match="variable size"):
         detection.preprocess(Decoded(Image.new("RGB", (20, 10))), fixed_none)
@@ -255,12 +264,16 @@ def test_decode_rows_point_at_the_models_anchors(layout):
     spec = make_spec(layout, anchors=300)
     rows = random_rows(rng, 300, 256, 320, objectness=v5)
     out = {"predictions__0": rows[None] if v5 else rows.T[None]}
-    boxes, scores, labels, anchors = detection.decode(out, spec, 0.5)
-    all_boxes, all_scores, all_labels, all_anchors = detection.decode(out, spec)
-    np.testing.assert_array_equal(all_anchors, np.arange(300))
-    np.testing.assert_array_equal(anchors, np.flatnonzero(all_scores > 0.5))
-    np.testing.assert_array_equal(boxes, all_boxes[anchors])
-    np.testing.assert_array_equal(labels, all_labels[anchors])
+    names = ("predictions__0",)
+    some = layouts.decode_candidates(out, layout, names, 0.5)
+    every = layouts.decode_candidates(out, layout, names)
+    # One candidate per anchor, in anchor order; the early threshold keeps exactly those above it.
+    assert len(every.scores) == 300
+    above = every.scores > 0.5
+    np.testing.assert_array_equal(some.boxes, every.boxes[above])
+    np.testing.assert_array_equal(some.scores, every.scores[above])
+    np.testing.assert_array_equal(some.labels, every.labels[above])
     cls = rows[:, 5:] * rows[:, 4:5] if v5 else rows[:, 4:]
-    np.testing.assert_array_equal(all_labels, [int(np.argmax(r)) for r in cls])
-    assert 0 < len(anchors) < 300
+    np.testing.assert_array_equal(every.labels, [int(np.argmax(r)) for r in cls])
+    np.testing.assert_allclose(every.scores, cls.max(1), rtol=1e-6)
+    assert 0 < above.sum() < 300

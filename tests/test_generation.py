@@ -12,8 +12,11 @@ from PIL import Image
 
 from helpers import as_array, photo
 from service.errors import FailedPrecondition, InvalidArgument
-from service.imaging import Decoded
+from service.ops.imaging import Decoded
+from service.ops.resize import reflect_pad
 from service.pipelines import generation as g
+from service.pipelines import layouts
+from service.pipelines.common import resize_plan
 from service.spec import ModelSpec, TensorSpec
 
 
@@ -56,22 +59,22 @@ def test_bad_options_name_the_field(fmt, quality, field):
     ((300, 2000), (77, 512), (80, 512)),
 ])
 def test_cyclegan_plan(size, scaled, padded):
-    p = g.plan(*size, spec(**CYCLEGAN))
+    p = resize_plan(spec(**CYCLEGAN), *size)
     assert (p.width, p.height) == size
-    assert (p.scaled_width, p.scaled_height) == scaled and (p.padded_width, p.padded_height) == padded
+    assert (p.scaled_width, p.scaled_height) == scaled and (p.input_width, p.input_height) == padded
     assert p.resized == (scaled != size)
 
 
 def test_stretch_plan_and_unsupported_specs():
-    p = g.plan(120, 80, spec("stretch", (3, 256, 256)))
-    assert (p.scaled_width, p.scaled_height, p.padded_width, p.padded_height) == (256, 256, 256, 256)
+    p = resize_plan(spec("stretch", (3, 256, 256)), 120, 80)
+    assert (p.scaled_width, p.scaled_height, p.input_width, p.input_height) == (256, 256, 256, 256)
     assert p.resized
     with pytest.raises(FailedPrecondition, match="letterbox"):
-        g.plan(10, 10, spec("letterbox", (3, 64, 64)))
-    with pytest.raises(FailedPrecondition, match="variable input"):
-        g.plan(10, 10, spec("none", (3, 64, 64)))
-    with pytest.raises(FailedPrecondition, match="max_side"):
-        g.plan(10, 10, spec(max_side="big"))
+        g.TASK.options({}, spec("letterbox", (3, 64, 64)))
+    with pytest.raises(FailedPrecondition, match="variable size"):
+        resize_plan(spec("none", (3, 64, 64)), 10, 10)
+    with pytest.raises(layouts.BadModelOption, match="max_side"):
+        resize_plan(spec(max_side="big"), 10, 10)
 
 
 # ---------------------------------------------------------------------- padding
@@ -81,7 +84,7 @@ def test_reflect_pad_equals_torch_reflection_pad(h, w, H, W):
     import torch.nn.functional as F
 
     chw = np.random.default_rng(h * w).integers(0, 256, (3, h, w), dtype=np.uint8)
-    got = g.reflect_pad(chw, H, W)
+    got = reflect_pad(chw, H, W)
     # torch pads at most size-1 per call; reflect repeatedly, as numpy does
     x = torch.from_numpy(chw.astype(np.float32))[None]
     while x.shape[2] < H or x.shape[3] < W:
@@ -92,7 +95,7 @@ def test_reflect_pad_equals_torch_reflection_pad(h, w, H, W):
 
 def test_one_pixel_side_is_repeated():
     chw = np.arange(3 * 1 * 3, dtype=np.uint8).reshape(3, 1, 3)
-    got = g.reflect_pad(chw, 8, 8)
+    got = reflect_pad(chw, 8, 8)
     assert got.shape == (3, 8, 8)
     np.testing.assert_array_equal(got[:, :, :3], np.repeat(chw, 8, axis=1))
 
@@ -102,10 +105,10 @@ def test_to_pixels_layouts():
     y = np.array([-1.5, -1.0, -0.2, 0.0, 0.999, 1.0, 3.0], dtype=np.float32)
     out = np.broadcast_to(y, (3, 1, len(y)))
     expected = np.clip(np.round((y.astype(np.float64) + 1) * 127.5), 0, 255)
-    np.testing.assert_array_equal(g.to_pixels(out, "image_nchw_tanh")[0, :, 0], expected)
-    np.testing.assert_array_equal(g.to_pixels(out / 2 + 0.5, "image_nchw_01")[0, :, 0], expected)
-    with pytest.raises(FailedPrecondition):
-        g.to_pixels(out, "logits")
+    np.testing.assert_array_equal(layouts.to_pixels(out, "image_nchw_tanh")[0, :, 0], expected)
+    np.testing.assert_array_equal(layouts.to_pixels(out / 2 + 0.5, "image_nchw_01")[0, :, 0], expected)
+    with pytest.raises(KeyError):
+        layouts.to_pixels(out, "logits")  # not a generator layout: no denormalization
 
 
 def test_encode_png_lossless_and_jpeg():
@@ -136,10 +139,10 @@ def run_pipeline(model, image: Image.Image, model_spec: ModelSpec, output_format
     wrapped = zg.ImageGenerator(model).eval()
     task, decoded = g.TASK, Decoded(image)
     options = task.options({"output_format": output_format}, model_spec)
-    inputs = task.preprocess(decoded, model_spec, options)
+    inputs, context = task.preprocess(decoded, model_spec, options)
     with torch.inference_mode():
         y = wrapped(torch.from_numpy(inputs["images__0"])).numpy()
-    return inputs["images__0"], task.postprocess({"generated__0": y}, model_spec, decoded, options)
+    return inputs["images__0"], task.postprocess({"generated__0": y}, context, model_spec, options)
 
 
 def reference(model, image: Image.Image, scaled: tuple[int, int] | None) -> np.ndarray:
@@ -177,7 +180,8 @@ def test_wrong_output_shape_is_failed_precondition():
     image = Image.new("RGB", (20, 12))
     s = spec(**CYCLEGAN)
     with pytest.raises(FailedPrecondition, match="shape"):
-        g.TASK.postprocess({"generated__0": np.zeros((1, 3, 8, 8), np.float32)}, s, Decoded(image),
+        _, context = g.TASK.preprocess(Decoded(image), s, None)
+        g.TASK.postprocess({"generated__0": np.zeros((1, 3, 8, 8), np.float32)}, context, s,
                            g.resolve_options("", None))
 
 

@@ -81,7 +81,7 @@ def test_image_byte_limit_checked_before_decoding():
 def test_pixel_limit_setting_bounded_by_pillow():
     from pydantic import ValidationError
 
-    from service.imaging import PILLOW_MAX_PIXELS
+    from service.ops.imaging import PILLOW_MAX_PIXELS
 
     assert load_settings(max_image_pixels=PILLOW_MAX_PIXELS).max_image_pixels == PILLOW_MAX_PIXELS
     with pytest.raises(ValidationError):

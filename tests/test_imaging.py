@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from helpers import PHOTO_NAMES, as_array, encode, photo, with_exif_orientation
-from service import imaging
+from service.ops import imaging
+from service.ops import resize as resize_ops
 from service.errors import InvalidArgument
 
 MAX_PIXELS = 40_000_000
@@ -29,7 +30,7 @@ def test_resize_center_crop_matches_torchvision(tv_transforms, name, resize, cro
     image = photo(name, max_side=1024)
     reference = tv_transforms.Compose([
         tv_transforms.Resize(resize), tv_transforms.CenterCrop(crop), tv_transforms.PILToTensor()])(image).numpy()
-    ours = imaging.resize_center_crop(image, resize, crop, crop)
+    ours = resize_ops.resize_center_crop(image, resize, crop, crop)
     assert ours.shape == reference.shape == (3, crop, crop)
     diff = np.abs(ours.astype(np.int16) - reference.astype(np.int16))
     assert diff.mean() <= 1.0, f"mean abs diff {diff.mean():.3f} levels"
@@ -39,7 +40,7 @@ def test_resize_center_crop_matches_torchvision(tv_transforms, name, resize, cro
 def test_resized_size_rounds_like_torchvision(tv_transforms):
     for w, h in [(451, 300), (300, 451), (640, 427), (1000, 999), (257, 256)]:
         expected = tv_transforms.Resize(256)(Image.new("RGB", (w, h))).size
-        assert imaging.resized_size_shorter_side(w, h, 256) == expected
+        assert resize_ops.resized_size_shorter_side(w, h, 256) == expected
 
 
 @pytest.mark.parametrize("fmt,kwargs", [("PNG", {}), ("JPEG", {"quality": 95}), ("WEBP", {"lossless": True}),

@@ -11,7 +11,7 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 
 from helpers import photo
-from service import masks
+from service.ops import masks
 
 MASK_SIZE = 28  # Mask R-CNN's mask head output, M x M
 

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 from helpers import as_array, photo
-from service.errors import InvalidArgument
-from service.proposals import proposal_settings, selective_search
-from service.spec import ModelSpec, TensorSpec
+from service.ops.proposals import selective_search
+from service.pipelines import layouts
 
 SIDE = 160  # small search scale: each search takes a fraction of a second
 
@@ -22,12 +21,12 @@ def image():
 
 
 def test_same_image_gives_identical_proposals(image):
-    first = selective_search(image, 50, SIDE)
+    first = selective_search(image, 50, SIDE, 8)
     assert first.dtype == np.float32 and first.shape[1] == 4 and 0 < len(first) <= 50
-    assert np.array_equal(first, selective_search(image, 50, SIDE))
+    assert np.array_equal(first, selective_search(image, 50, SIDE, 8))
     # Concurrent searches (the gateway's preprocess threads) do not disturb each other.
     with ThreadPoolExecutor(3) as pool:
-        for got in pool.map(lambda _: selective_search(image, 50, SIDE), range(3)):
+        for got in pool.map(lambda _: selective_search(image, 50, SIDE, 8), range(3)):
             assert np.array_equal(first, got)
 
 
@@ -67,17 +66,13 @@ def test_small_max_side_maps_back(image):
     np.testing.assert_allclose(mapped, np.clip(at_small * scale, 0, [width, height, width, height]), rtol=1e-6)
 
 
-def _spec(**options):
-    return ModelSpec(name="m", task="detection", architecture="rcnn",
-                     inputs=(TensorSpec("regions__0", np.dtype(np.uint8), (3, 64, 64)),),
-                     outputs=(TensorSpec("class_logits__0", np.dtype(np.float32), (21,)),),
-                     options={k: str(v) for k, v in options.items()})
-
-
 def test_settings_come_from_the_spec():
-    assert proposal_settings(_spec()) == (200, 500, 8)
-    assert proposal_settings(_spec(proposals=50, proposal_side=300, proposal_min_size=4)) == (50, 300, 4)
-    with pytest.raises(InvalidArgument):
-        proposal_settings(_spec(proposals=0))
-    with pytest.raises(InvalidArgument):
-        proposal_settings(_spec(proposal_side="big"))
+    regions = layouts.get("rcnn_regions")
+    settings = regions.parse_options({})
+    assert (settings.proposals, settings.proposal_side, settings.proposal_min_size) == (200, 500, 8)
+    settings = regions.parse_options({"proposals": "50", "proposal_side": "300", "proposal_min_size": "4"})
+    assert (settings.proposals, settings.proposal_side, settings.proposal_min_size) == (50, 300, 4)
+    with pytest.raises(layouts.BadModelOption, match="proposals='0'|proposals=0"):
+        regions.parse_options({"proposals": "0"})
+    with pytest.raises(layouts.BadModelOption, match="proposal_side='big'"):
+        regions.parse_options({"proposal_side": "big"})

@@ -10,8 +10,12 @@ import pytest
 import torch
 
 from service import zoo  # noqa: F401  (installs the torchvision op shim)
+from service.ops import resize
+from service.ops.boxes import decode_deltas
+from service.pipelines import detection, layouts
+from service.pipelines.common import Context
 from service.pipelines.detection import DetectOptions
-from service.pipelines.regions import context_boxes, decode_deltas, fast_rcnn_scale, region_detections, warp_regions
+from service.pipelines.regions import context_boxes, warp_regions
 from test_tvops import reference_roi_align
 
 import torchvision  # noqa: E402  (after the shim)
@@ -80,6 +84,17 @@ def test_decode_matches_torchvision_box_coder():
     want = coder.decode_single(deltas, boxes).reshape(30, 5, 4)
     got = decode_deltas(deltas.numpy(), boxes.numpy())
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-3)
+
+
+def region_detections(logits, deltas, proposals, width, height, options) -> layouts.Candidates:
+    """The region formats' decoding and the shared selection, as the detection task runs them."""
+    found = layouts.decode_regions(logits, deltas, proposals, width, height)
+    return detection.select(found, options, Context(width, height, proposals=proposals))
+
+
+def fast_rcnn_scale(width, height, min_side, max_side):
+    plan = resize.plan("none", width, height, -1, -1, shorter_side=min_side, max_side=max_side)
+    return plan.scaled_width, plan.scaled_height
 
 
 def torchvision_postprocess(logits, deltas, proposals, width, height, options):

@@ -10,10 +10,12 @@ import pytest
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from service import masks
+from service.ops import masks
 from service.errors import FailedPrecondition, InvalidArgument
-from service.imaging import Decoded
+from service.ops.imaging import Decoded
+from service.pipelines import detection, layouts
 from service.pipelines import segmentation as seg
+from service.pipelines.common import Context, resize_plan
 from service.spec import ModelSpec, TensorSpec
 
 VOC = tuple(f"class_{i}" for i in range(21))
@@ -113,7 +115,7 @@ def test_semantic_refuses_logits_that_do_not_fit_the_labels():
 
 def test_semantic_preprocess_stretches_to_the_input_size():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 90, 3), dtype=np.uint8))
-    tensors = seg.SemanticSegmentation().preprocess(Decoded(image), semantic_spec(size=64), None)
+    tensors, _ = seg.SemanticSegmentation().preprocess(Decoded(image), semantic_spec(size=64), None)
     expected = np.asarray(image.resize((64, 64), Image.BILINEAR)).transpose(2, 0, 1)
     np.testing.assert_array_equal(tensors["images__0"], expected[None])
 
@@ -132,11 +134,15 @@ def test_bad_options_name_the_field(request_fields, field):
 
 
 def test_options_default_from_spec_then_constants():
+    candidates_layout = layouts.get("rcnn_candidates")
     options = seg.TASK.options({}, instance_spec(score_threshold="0.3"))
-    assert options == seg.InstanceOptions(0.3, seg.DEFAULT_IOU_THRESHOLD, seg.DEFAULT_MAX_DETECTIONS, "rle")
+    assert options == seg.InstanceOptions(
+        detection.DetectOptions(0.3, candidates_layout.default("iou_threshold"),
+                                candidates_layout.default("max_detections")), "rle")
+    assert (options.detect.iou_threshold, options.detect.max_detections) == (0.5, 100)  # torchvision's
     options = seg.TASK.options({"score_threshold": 0.5, "iou_threshold": 0.7, "max_detections": 3,
                                 "mask_format": "png"}, instance_spec(score_threshold="0.3"))
-    assert options == seg.InstanceOptions(0.5, 0.7, 3, "png")
+    assert options == seg.InstanceOptions(detection.DetectOptions(0.5, 0.7, 3), "png")
     assert seg.TASK.options({"score_threshold": 0.5}, semantic_spec()) is None
 
 
@@ -148,6 +154,20 @@ def test_instance_models_must_follow_the_candidates_layout():
 
 
 # ----------------------------------------------------------------------- instances
+def instance_result(outputs, width, height, score, iou, top, mask_format="rle"):
+    """The instance pipeline's postprocess for a width x height image."""
+    spec = instance_spec()
+    options = seg.InstanceOptions(detection.DetectOptions(score, iou, top), mask_format)
+    return seg.instance_result(outputs, Context(width, height, resize_plan(spec, width, height)), spec, options)
+
+
+def instances(result):
+    """(box, label, name, score, mask) per instance of a result."""
+    d = result.instances
+    return [(tuple(box), int(label), name, float(score), mask)
+            for box, label, name, score, mask in zip(d.boxes.tolist(), d.labels, d.names, d.scores, d.masks)]
+
+
 def candidates(rng, height, width, count):
     """rcnn_candidates outputs for one image (item axis first): `count` valid rows,
     score-descending, overlapping boxes of a few classes, then zero padding."""
@@ -195,15 +215,16 @@ def test_instances_equal_torchvision_steps_and_pycocotools(torch_ops, thresholds
     rng = np.random.default_rng(int(score * 100) + top)
     height, width = 180, 240
     outputs = candidates(rng, height, width, count=45)
-    options = seg.InstanceOptions(score, iou, top, "rle")
-    result = seg.instance_result(outputs, instance_spec(), width, height, options)
+    result = instance_result(outputs, width, height, score, iou, top)
     boxes, scores, labels, pasted = reference_instances(torch_ops, outputs, height, width, score, iou, top)
-    assert len(result.instances) == len(boxes) > 0
-    for instance, box, s, label, mask in zip(result.instances, boxes, scores, labels, pasted):
-        np.testing.assert_array_equal(instance.box, box)  # already inside the image
-        assert instance.label.index == label and instance.label.name == COCO[label]
-        assert instance.label.score == pytest.approx(float(s), abs=0)
-        rle = coco_mask.frPyObjects({"size": [height, width], "counts": instance.rle}, height, width)
+    got = instances(result)
+    assert len(got) == len(boxes) > 0
+    for (got_box, got_label, name, got_score, got_mask), box, s, label, mask in zip(got, boxes, scores, labels,
+                                                                                       pasted):
+        np.testing.assert_array_equal(got_box, box)  # already inside the image
+        assert got_label == label and name == COCO[label]
+        assert got_score == pytest.approx(float(s), abs=0)
+        rle = coco_mask.frPyObjects({"size": [height, width], "counts": got_mask["rle"]}, height, width)
         np.testing.assert_array_equal(coco_mask.decode(rle).astype(bool), mask)
         assert rle["counts"] == coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"]
 
@@ -211,13 +232,13 @@ def test_instances_equal_torchvision_steps_and_pycocotools(torch_ops, thresholds
 def test_png_masks_equal_rle_masks():
     rng = np.random.default_rng(5)
     outputs = candidates(rng, 120, 160, count=30)
-    rle = seg.instance_result(outputs, instance_spec(), 160, 120, seg.InstanceOptions(0.05, 0.5, 100, "rle"))
-    png = seg.instance_result(outputs, instance_spec(), 160, 120, seg.InstanceOptions(0.05, 0.5, 100, "png"))
-    assert len(png.instances) == len(rle.instances) > 0
-    for a, b in zip(rle.instances, png.instances):
-        assert a.box == b.box and a.label == b.label and b.rle is None
-        decoded = np.asarray(Image.open(io.BytesIO(b.png))).astype(bool)
-        np.testing.assert_array_equal(decoded, masks.decode_rle(120, 160, a.rle))
+    rle = instances(instance_result(outputs, 160, 120, 0.05, 0.5, 100, "rle"))
+    png = instances(instance_result(outputs, 160, 120, 0.05, 0.5, 100, "png"))
+    assert len(png) == len(rle) > 0
+    for a, b in zip(rle, png):
+        assert a[:4] == b[:4] and set(b[4]) == {"png"}
+        decoded = np.asarray(Image.open(io.BytesIO(b[4]["png"]))).astype(bool)
+        np.testing.assert_array_equal(decoded, masks.decode_rle(120, 160, a[4]["rle"]))
 
 
 def test_only_kept_candidates_are_pasted(monkeypatch):
@@ -231,24 +252,24 @@ def test_only_kept_candidates_are_pasted(monkeypatch):
         return real(probs, boxes, height, width, *args, **kwargs)
 
     monkeypatch.setattr(masks, "paste_and_encode", spy)
-    result = seg.instance_result(outputs, instance_spec(), 100, 100, seg.InstanceOptions(0.5, 0.5, 4, "rle"))
-    assert pasted == [len(result.instances)] and 0 < len(result.instances) <= 4
+    result = instance_result(outputs, 100, 100, 0.5, 0.5, 4)
+    assert pasted == [len(instances(result))] and 0 < len(instances(result)) <= 4
 
 
 def test_no_valid_candidates_gives_no_instances():
     outputs = candidates(np.random.default_rng(7), 50, 60, count=0)
-    result = seg.instance_result(outputs, instance_spec(), 60, 50, seg.InstanceOptions(0.05, 0.5, 100, "rle"))
-    assert result.instances == [] and (result.width, result.height) == (60, 50)
+    result = instance_result(outputs, 60, 50, 0.05, 0.5, 100)
+    assert instances(result) == [] and (result.width, result.height) == (60, 50)
 
 
 def test_boxes_are_clipped_but_masks_use_the_models_boxes():
     outputs = candidates(np.random.default_rng(8), 50, 60, count=1)
     outputs["boxes__0"][0, 0] = [-5.5, 10.0, 70.25, 49.0]
     outputs["scores__1"][0, 0] = 0.9
-    result = seg.instance_result(outputs, instance_spec(), 60, 50, seg.InstanceOptions(0.05, 0.5, 100, "rle"))
-    assert result.instances[0].box == (0.0, 10.0, 60.0, 49.0)
+    result = instance_result(outputs, 60, 50, 0.05, 0.5, 100)
+    assert instances(result)[0][0] == (0.0, 10.0, 60.0, 49.0)
     expected = masks.paste_masks(outputs["masks__4"][0, :1], outputs["boxes__0"][0, :1], 50, 60)[0]
-    np.testing.assert_array_equal(masks.decode_rle(50, 60, result.instances[0].rle), expected)
+    np.testing.assert_array_equal(masks.decode_rle(50, 60, instances(result)[0][4]["rle"]), expected)
 
 
 # -------------------------------------------------------------------------- drawing

@@ -160,7 +160,7 @@ def test_roi_align_rejects_bad_inputs(args, message):
 
 def reference_nms(dets, scores, threshold):
     """The slow transcription of nms_kernel.cpp that tests/test_boxes.py checks
-    service.boxes against, applied to the same tensors."""
+    service.ops.boxes against, applied to the same tensors."""
     from test_boxes import reference_nms as loop
 
     return torch.from_numpy(loop(dets.numpy(), scores.numpy(), threshold))

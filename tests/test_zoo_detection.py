@@ -15,9 +15,9 @@ import torch
 from helpers import as_array, photo
 from rcnn_weights import make_checkpoint
 from service import zoo
-from service.boxes import clip_boxes, select_detections
+from service.ops.boxes import clip_boxes, select_detections
 from service.exporter import ExportError, build_spec, checkpoint_num_classes, export_model
-from service.masks import paste_masks
+from service.ops.masks import paste_masks
 
 SIZE = 320  # min_size of the exported models and of the reference
 BOX_ATOL_PX = 1e-2

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .. import tvshim
+from ..pipelines import layouts
 from ..spec import TensorSpec
 
 tvshim.install()
@@ -36,14 +37,13 @@ class Architecture:
     input_size: tuple[int, int]  # (height, width)
     resize_mode: str
     resize_size: int = 0
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = layouts.IMAGENET_MEAN
+    std: tuple[float, float, float] = layouts.IMAGENET_STD
+    # The output format (`pipelines.layouts`): tensor names and option defaults come from it.
     output_layout: str = "logits"
-    input_name: str = "images__0"
-    output_names: tuple[str, ...] = ("logits__0",)
     options: dict[str, str] = field(default_factory=dict)
     # The exported model's output tensors, given (number of labels, input height, input
-    # width). None: one float32 [C] vector named output_names[0] (a classifier).
+    # width). None: the layout's one float32 [C] vector (a classifier).
     output_specs: Callable[[int, int, int], tuple[TensorSpec, ...]] | None = None
     # Fully convolutional models take any input size: the exported image input is
     # [3, -1, -1] and `input_size` is only the size used for parity checks.
@@ -63,6 +63,22 @@ class Architecture:
     # Example values of those inputs for the export's parity check, given (spec, batch,
     # height, width, torch.Generator); None: uniform random values in [0, 1).
     example_extra_inputs: Callable[..., tuple[torch.Tensor, ...]] | None = None
+
+
+    @property
+    def layout(self) -> layouts.Layout:
+        return layouts.get(self.output_layout)
+
+    @property
+    def input_name(self) -> str:
+        """The image input's name, as the layout's contract says."""
+        return self.layout.input_name
+
+
+def contract(layout: str, count: int | None = None, **sizes: int) -> tuple[TensorSpec, ...]:
+    """A layout's output tensors as TensorSpecs, for the given sizes (see
+    `layouts.Layout.concrete`)."""
+    return tuple(TensorSpec(t.name, t.dtype, t.dims) for t in layouts.get(layout).concrete(count=count, **sizes))
 
 
 REGISTRY: dict[str, Architecture] = {}

@@ -45,7 +45,6 @@ from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
-import numpy as np
 import torchvision
 from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
@@ -54,12 +53,13 @@ from torchvision.ops import boxes as box_ops
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ..spec import TensorSpec
-from . import Architecture, register
+from ..pipelines import layouts
+from . import Architecture, contract, register
 
 COCO_NUM_CLASSES = 91  # torchvision's COCO indexing: 80 classes, gaps, 0 = background
 COCO_LABELS_RESOURCE = "coco_categories.txt"
-# torchvision's defaults: shorter side 800, longer side at most 1333.
-DEFAULT_MIN_SIZE, DEFAULT_MAX_SIZE = 800, 1333
+# torchvision's defaults: shorter side 800, longer side at most 1333 (the layout's).
+DEFAULT_MIN_SIZE, DEFAULT_MAX_SIZE = (layouts.get("rcnn_candidates").default(k) for k in ("min_size", "max_size"))
 # Candidates per image. Faster R-CNN: the RPN keeps 1000 proposals, so 1000 candidates
 # hold every candidate of almost any image. Mask R-CNN runs its mask head (about 0.5
 # GMAC per box) on every valid candidate, not on the <= 100 detections stock keeps after
@@ -209,43 +209,35 @@ class MaskRCNNCandidates(RCNNCandidates):
 
 
 def _sizes(spec) -> Tuple[int, int]:
-    return (int(spec.option("min_size", str(DEFAULT_MIN_SIZE))),
-            int(spec.option("max_size", str(DEFAULT_MAX_SIZE))))
+    return spec.settings.min_size, spec.settings.max_size
 
 
 def _wrap_with(cls):
     def wrap(model: nn.Module, spec) -> nn.Module:
         min_size, max_size = _sizes(spec)
-        return cls(model, int(spec.option("max_candidates")), float(spec.option("score_threshold")),
-                   min_size, max_size)
+        return cls(model, spec.settings.max_candidates, spec.settings.score_threshold, min_size, max_size)
     return wrap
 
 
 def _sized_options(height: int, width: int) -> dict[str, str]:
     """An export size S sets min_size = S and max_size in torchvision's 800:1333 ratio."""
     size = min(height, width)
-    return {"min_size": str(size), "max_size": str(round(size * DEFAULT_MAX_SIZE / DEFAULT_MIN_SIZE))}
+    return layouts.get("rcnn_candidates").option_strings(
+        min_size=size, max_size=round(size * DEFAULT_MAX_SIZE / DEFAULT_MIN_SIZE))
 
 
 def _output_specs(with_masks: bool, max_candidates: int):
     def specs(n_labels: int, height: int, width: int) -> tuple[TensorSpec, ...]:
-        k = max_candidates
-        out = [TensorSpec("boxes__0", np.dtype(np.float32), (k, 4)),
-               TensorSpec("scores__1", np.dtype(np.float32), (k,)),
-               TensorSpec("labels__2", np.dtype(np.int64), (k,)),
-               TensorSpec("count__3", np.dtype(np.int32), (1,))]
-        if with_masks:
-            out.append(TensorSpec("masks__4", np.dtype(np.float32), (k, MASK_SIZE, MASK_SIZE)))
-        return tuple(out)
+        # boxes, scores, labels, count, and the masks for instance segmentation only.
+        return contract("rcnn_candidates", count=None if with_masks else 4, K=max_candidates, M=MASK_SIZE)
     return specs
 
 
 def _options(max_candidates: int) -> dict[str, str]:
-    # torchvision's RoIHeads defaults: box_score_thresh 0.05, box_nms_thresh 0.5,
-    # detections_per_img 100. score_threshold is also the model's candidate cut, so a
-    # request can raise it but not lower it below this.
-    return {"score_threshold": "0.05", "iou_threshold": "0.5", "max_detections": "100",
-            "max_candidates": str(max_candidates)}
+    # torchvision's RoIHeads defaults (the layout's). score_threshold is also the model's
+    # candidate cut, so a request can raise it but not lower it below this.
+    return layouts.get("rcnn_candidates").option_strings("score_threshold", "iou_threshold", "max_detections",
+                                                         max_candidates=max_candidates)
 
 
 for _name, _task, _k, _eps in (
@@ -259,7 +251,6 @@ for _name, _task, _k, _eps in (
         num_classes=COCO_NUM_CLASSES, labels_resource=COCO_LABELS_RESOURCE,
         input_size=(DEFAULT_MIN_SIZE, DEFAULT_MIN_SIZE), resize_mode="none",
         output_layout="rcnn_candidates",
-        output_names=("boxes__0", "scores__1", "labels__2", "count__3") + (("masks__4",) if _masks else ()),
         options=_options(_k), output_specs=_output_specs(_masks, _k), variable_input_size=True,
         sized_options=_sized_options, classes_key="roi_heads.box_predictor.cls_score.weight",
     ))

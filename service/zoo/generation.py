@@ -15,17 +15,16 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..spec import TensorSpec
-from . import Architecture, Normalize, register
+from ..pipelines import layouts
+from . import Architecture, Normalize, contract, register
 
 # The official data pipeline maps pixels to [-1, 1]: (x / 255 - 0.5) / 0.5.
-GAN_MEAN = (0.5, 0.5, 0.5)
-GAN_STD = (0.5, 0.5, 0.5)
+GAN_MEAN, GAN_STD = layouts.GAN_MEAN, layouts.GAN_STD
 # ResnetGenerator downsamples twice by 2 (and upsamples back): sizes must be multiples
 # of 4 for the output to have the input's size, and at least 8 so that the 64x64-level
 # ReflectionPad2d(1) has a pixel to reflect at the 2x2 level.
@@ -279,14 +278,11 @@ class ImageGenerator(nn.Module):
         return self.model(self.normalize(images))
 
 
-# Spec option: how pix2pix's batch norm is applied at serving time; "per_image" is the
-# official test script's behaviour (batch statistics of one image), "running" uses the
-# running statistics stored in the checkpoint (model.eval()).
-BATCH_NORM_OPTION = "batch_norm"
-
-
 def _wrap(model, spec) -> nn.Module:
-    if spec.options.get(BATCH_NORM_OPTION, "running") == "per_image":
+    # The spec option batch_norm: "per_image" is the official test script's behaviour
+    # (batch statistics of one image), "running" uses the running statistics stored in
+    # the checkpoint (model.eval()).
+    if spec.settings.batch_norm == "per_image":
         model = per_image_batch_norm(model)
     return ImageGenerator(model, spec.mean, spec.std)
 
@@ -301,24 +297,21 @@ def build_pix2pix(num_classes: int = 0) -> nn.Module:
     return unet_256().eval()
 
 
-GENERATION_OUTPUT = "generated__0"
-
-
 def _fixed_size_output(n_labels: int, height: int, width: int) -> tuple[TensorSpec, ...]:
     """pix2pix: float32 [3, H, W] at its (fixed) input size."""
-    return (TensorSpec(GENERATION_OUTPUT, np.dtype(np.float32), (3, height, width)),)
+    return contract("image_nchw_tanh", H=height, W=width)
 
 
 def _any_size_output(n_labels: int, height: int, width: int) -> tuple[TensorSpec, ...]:
     """CycleGAN: float32 [3, -1, -1], the size of its (variable) input."""
-    return (TensorSpec(GENERATION_OUTPUT, np.dtype(np.float32), (3, -1, -1)),)
+    return contract("image_nchw_tanh", H=-1, W=-1)
 
 
 register(Architecture(
     name="pix2pix", task="generation", build=build_pix2pix, wrap=_wrap, num_classes=0, labels_resource="",
     input_size=(PIX2PIX_SIZE, PIX2PIX_SIZE), resize_mode="stretch", mean=GAN_MEAN, std=GAN_STD,
-    output_layout="image_nchw_tanh", output_names=(GENERATION_OUTPUT,),
-    options={BATCH_NORM_OPTION: "per_image"}, output_specs=_fixed_size_output,
+    output_layout="image_nchw_tanh",
+    options=layouts.get("image_nchw_tanh").option_strings(batch_norm="per_image"), output_specs=_fixed_size_output,
     adapt_state_dict=adapt_official_state_dict,
 ))
 register(Architecture(
@@ -326,9 +319,9 @@ register(Architecture(
     # is [3, -1, -1] (any size that is a multiple of 4, at least 8).
     name="cyclegan", task="generation", build=build_cyclegan, wrap=_wrap, num_classes=0, labels_resource="",
     input_size=(256, 256), resize_mode="none", mean=GAN_MEAN, std=GAN_STD,
-    output_layout="image_nchw_tanh", output_names=(GENERATION_OUTPUT,),
-    options={"size_multiple": str(CYCLEGAN_SIZE_MULTIPLE), "min_side": str(CYCLEGAN_MIN_SIDE),
-             "max_side": str(CYCLEGAN_MAX_SIDE)},
+    output_layout="image_nchw_tanh",
+    options=layouts.get("image_nchw_tanh").option_strings(
+        size_multiple=CYCLEGAN_SIZE_MULTIPLE, min_side=CYCLEGAN_MIN_SIDE, max_side=CYCLEGAN_MAX_SIDE),
     output_specs=_any_size_output, variable_input_size=True,
     adapt_state_dict=adapt_official_state_dict,
 ))

@@ -21,13 +21,13 @@ Fast R-CNN and back.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torchvision
 from torch import nn
 
 from ..spec import TensorSpec
-from . import Architecture, Normalize, register
+from ..pipelines import layouts
+from . import Architecture, Normalize, contract, register
 
 # AlexNet's conv5 has stride 16 once its last max-pool is dropped (Fast R-CNN's RoI
 # pooling takes that pool's place); fc6 expects 256 x 6 x 6 inputs.
@@ -35,7 +35,6 @@ FEATURE_STRIDE = 16
 POOLED_SIZE = 6
 # torchvision's MultiScaleRoIAlign defaults in Faster R-CNN.
 SAMPLING_RATIO = 2
-DEFAULT_PROPOSALS = 200
 
 
 class RegionHead(nn.Module):
@@ -104,20 +103,20 @@ class FastRCNNExport(nn.Module):
         return logits.reshape(n, p, -1), deltas.reshape(n, p, -1)
 
 
+# n_labels counts the background class: C + 1.
 def _region_outputs(n_labels: int, height: int, width: int) -> tuple[TensorSpec, ...]:
-    f32 = np.dtype(np.float32)
-    return (TensorSpec("class_logits__0", f32, (n_labels,)), TensorSpec("box_deltas__1", f32, (4 * n_labels,)))
+    return contract("rcnn_regions", C=n_labels - 1)
 
 
 def _fast_outputs(n_labels: int, height: int, width: int) -> tuple[TensorSpec, ...]:
     # One row per RoI: the RoI count is the entry's `proposals` option (rois__1's dim).
-    f32 = np.dtype(np.float32)
-    return (TensorSpec("class_logits__0", f32, (-1, n_labels)), TensorSpec("box_deltas__1", f32, (-1, 4 * n_labels)))
+    return contract("fast_rcnn", C=n_labels - 1, R=-1)
 
 
 def _fast_extra_inputs(options: dict, height: int, width: int) -> tuple[TensorSpec, ...]:
-    count = int(options.get("proposals", DEFAULT_PROPOSALS))
-    return (TensorSpec("rois__1", np.dtype(np.float32), (count, 4)),)
+    fast = layouts.get("fast_rcnn")
+    count = fast.parse_options(options).proposals
+    return tuple(TensorSpec(t.name, t.dtype, t.dims) for t in fast.concrete(inputs=True, R=count, H=-1, W=-1)[1:])
 
 
 def _example_rois(spec, batch: int, height: int, width: int, generator: torch.Generator) -> tuple[torch.Tensor]:
@@ -132,18 +131,18 @@ def _build(num_classes: int) -> RegionHead:
     return RegionHead(num_classes).eval()
 
 
-# Options shared by both (strings, as in the spec): selective search's proposal count
-# and search scale, and the Detect defaults (torchvision's RoIHeads defaults).
-_DETECT_OPTIONS = {"proposals": str(DEFAULT_PROPOSALS), "proposal_side": "500", "proposal_min_size": "8",
-                   "score_threshold": "0.05", "iou_threshold": "0.5", "max_detections": "100"}
+# Options both write into their spec (the layouts' defaults): selective search's
+# proposal count and search scale, and the Detect defaults (torchvision's RoIHeads').
+_WRITTEN = ("proposals", "proposal_side", "proposal_min_size", "score_threshold", "iou_threshold",
+            "max_detections")
 
 register(Architecture(
     name="rcnn", task="detection", build=_build,
     wrap=lambda model, spec: RCNNExport(model, spec.mean, spec.std),
     num_classes=21, labels_resource="voc_classes.txt", input_size=(224, 224), resize_mode="stretch",
-    output_layout="rcnn_regions", input_name="regions__0", output_names=("class_logits__0", "box_deltas__1"),
+    output_layout="rcnn_regions",
     # 16 px of warped context around each proposal (R-CNN paper, appendix A).
-    options={**_DETECT_OPTIONS, "context_padding": "16"},
+    options=layouts.get("rcnn_regions").option_strings(*_WRITTEN, "context_padding"),
     output_specs=_region_outputs, classes_key="cls_score.weight",
 ))
 
@@ -151,10 +150,10 @@ register(Architecture(
     name="fast_rcnn", task="detection", build=_build,
     wrap=lambda model, spec: FastRCNNExport(model, spec.mean, spec.std),
     num_classes=21, labels_resource="voc_classes.txt", input_size=(600, 600), resize_mode="none",
-    output_layout="fast_rcnn", input_name="images__0", output_names=("class_logits__0", "box_deltas__1"),
+    output_layout="fast_rcnn",
     # The gateway scales each image so its shorter side is min_side, its longer side
     # at most max_side (the Fast R-CNN paper's single scale, 600 / 1000).
-    options={**_DETECT_OPTIONS, "min_side": "600", "max_side": "1000"},
+    options=layouts.get("fast_rcnn").option_strings(*_WRITTEN, "min_side", "max_side"),
     output_specs=_fast_outputs, variable_input_size=True, extra_inputs=_fast_extra_inputs,
     example_extra_inputs=_example_rois, classes_key="cls_score.weight",
 ))

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 from typing import List
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..spec import TensorSpec
-from . import Architecture, NormalizedModel, register
+from . import Architecture, NormalizedModel, contract, register
 
 # PASCAL VOC 2012's 20 classes plus background: the class set U-Net and SegNet
 # checkpoints are most often trained on.
@@ -241,7 +240,7 @@ UNET_BASE_WIDTH = 32
 def _logits_specs(num_labels: int, height: int, width: int) -> tuple[TensorSpec, ...]:
     """The exported output: per-pixel logits float32 [C, H, W] at the input size (the
     gateway's semantic pipeline reads it as layout `logits_nchw`)."""
-    return (TensorSpec("logits__0", np.dtype(np.float32), (num_labels, height, width)),)
+    return contract("logits_nchw", C=num_labels, H=height, W=width)
 
 
 def build_unet(num_classes: int) -> nn.Module:

@@ -23,12 +23,12 @@ from __future__ import annotations
 import math
 from typing import List, Tuple
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..spec import TensorSpec
-from . import Architecture, NormalizedModel, register
+from ..pipelines import layouts
+from . import Architecture, NormalizedModel, contract, register
 
 REG_MAX = 16                # DFL bins per box side
 STRIDES = (8.0, 16.0, 32.0)  # P3, P4, P5
@@ -37,8 +37,8 @@ COCO_CLASSES = 80
 BN_EPS, BN_MOMENTUM = 1e-3, 0.03
 # yolov8.yaml scales: (depth multiple, width multiple, max channels).
 SCALES = {"n": (0.33, 0.25, 1024), "s": (0.33, 0.50, 1024)}
-# Ultralytics' predict defaults: conf 0.25, iou 0.7, max_det 300.
-DEFAULT_OPTIONS = {"score_threshold": "0.25", "iou_threshold": "0.7", "max_detections": "300"}
+# Ultralytics' predict defaults (conf, iou, max_det), from the yolov8 layout.
+DEFAULT_OPTIONS = layouts.get("yolov8").option_strings("score_threshold", "iou_threshold", "max_detections")
 DEFAULT_INPUT_SIZE = 640
 
 
@@ -255,7 +255,7 @@ def _outputs(n_labels: int, height: int, width: int) -> tuple[TensorSpec, ...]:
     if height % step or width % step:
         raise ValueError(f"YOLO input size must be a multiple of {step}, got {height}x{width}")
     anchors = sum((height // int(s)) * (width // int(s)) for s in STRIDES)
-    return (TensorSpec("predictions__0", np.dtype(np.float32), (4 + n_labels, anchors)),)
+    return contract("yolov8", C=n_labels, A=anchors)
 
 
 for _name, _scale in (("yolo", "n"), ("yolo_s", "s")):
@@ -266,5 +266,5 @@ for _name, _scale in (("yolo", "n"), ("yolo_s", "s")):
         num_classes=COCO_CLASSES, labels_resource="coco80_classes.txt",
         input_size=(DEFAULT_INPUT_SIZE, DEFAULT_INPUT_SIZE), resize_mode="letterbox",
         mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), output_layout="yolov8",
-        output_names=("predictions__0",), options=dict(DEFAULT_OPTIONS), output_specs=_outputs,
+        options=dict(DEFAULT_OPTIONS), output_specs=_outputs,
     ))

@@ -14,7 +14,7 @@ from PIL import Image
 from helpers import encode, photo
 from service import zoo  # noqa: F401  (torchvision op shim before torchvision)
 from service._proto import vision_pb2
-from service.imaging import decode_encoded
+from service.ops.imaging import decode_encoded
 from service.pipelines.regions import LAYOUTS, image_proposals
 from service.spec import ModelSpec
 from stack_regions import FAST_OPTIONS, REGION_OPTIONS

@@ -20,39 +20,13 @@ import threading
 import cv2
 import numpy as np
 
-from .errors import InvalidArgument
-from .spec import ModelSpec
-
-# Spec option names and defaults (per model, written by the exporter).
-PROPOSALS_OPTION, DEFAULT_PROPOSALS = "proposals", 200
-SIDE_OPTION, DEFAULT_SIDE = "proposal_side", 500
-MIN_SIZE_OPTION, DEFAULT_MIN_SIZE = "proposal_min_size", 8
 # Seed of C's rand() before each search: any fixed value makes the order reproducible.
 _RAND_SEED = 0
 _LIBC = ctypes.CDLL(None)
 _SEARCH_LOCK = threading.Lock()
 
 
-def proposal_settings(spec: ModelSpec) -> tuple[int, int, int]:
-    """(max proposals, search side in px, min box side in original px) from the spec."""
-    values = []
-    for key, default in ((PROPOSALS_OPTION, DEFAULT_PROPOSALS), (SIDE_OPTION, DEFAULT_SIDE),
-                         (MIN_SIZE_OPTION, DEFAULT_MIN_SIZE)):
-        text = spec.option(key, str(default))
-        try:
-            value = int(text)
-        except ValueError:
-            raise InvalidArgument("model", f"model option {key}={text!r} is not an integer") from None
-        values.append(value)
-    count, side, min_size = values
-    if count < 1 or side < 16 or min_size < 0:
-        raise InvalidArgument("model", f"model options {PROPOSALS_OPTION}={count}, {SIDE_OPTION}={side}, "
-                                       f"{MIN_SIZE_OPTION}={min_size} are out of range")
-    return count, side, min_size
-
-
-def selective_search(image: np.ndarray, max_proposals: int, side: int = DEFAULT_SIDE,
-                     min_size: float = DEFAULT_MIN_SIZE) -> np.ndarray:
+def selective_search(image: np.ndarray, max_proposals: int, side: int, min_size: float) -> np.ndarray:
     """Selective search (fast mode) proposals for one image.
 
     Args:

@@ -29,6 +29,8 @@ memory (a few arrays of `_TILE_PAIRS` floats) and the rounds a chain can take.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 # Longest class solved in one piece; longer ones go block by block, which bounds both
@@ -387,3 +389,37 @@ def clip_boxes(boxes, width: int, height: int) -> np.ndarray:
     np.clip(b[:, 0::2], 0, width, out=b[:, 0::2])
     np.clip(b[:, 1::2], 0, height, out=b[:, 1::2])
     return b
+
+
+def xywh_to_xyxy(xywh: np.ndarray) -> np.ndarray:
+    """[N, 4] (cx, cy, w, h) -> [N, 4] (x1, y1, x2, y2), float32."""
+    xywh = xywh.astype(np.float32, copy=False).reshape(-1, 4)
+    half = xywh[:, 2:] / 2
+    return np.concatenate([xywh[:, :2] - half, xywh[:, :2] + half], axis=1)
+
+
+# torchvision's Fast/Faster R-CNN box coder: deltas are (dx, dy, dw, dh) scaled by these.
+BOX_CODER_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
+# torchvision's cap on dw, dh before exp(): boxes at most 1000/16 times the proposal.
+BBOX_XFORM_CLIP = math.log(1000.0 / 16)
+
+
+def decode_deltas(deltas: np.ndarray, boxes: np.ndarray, weights=BOX_CODER_WEIGHTS,
+                  clip: float = BBOX_XFORM_CLIP) -> np.ndarray:
+    """torchvision `BoxCoder.decode_single`: deltas float32 [P, 4 M] (dx, dy, dw, dh
+    per class) relative to `boxes` float32 [P, 4] (x1, y1, x2, y2) -> boxes
+    float32 [P, M, 4] in the proposals' coordinates."""
+    boxes = np.asarray(boxes, np.float32)
+    d = np.asarray(deltas, np.float32).reshape(len(boxes), -1, 4)
+    wx, wy, ww, wh = (np.float32(w) for w in weights)
+    widths = (boxes[:, 2] - boxes[:, 0])[:, None]
+    heights = (boxes[:, 3] - boxes[:, 1])[:, None]
+    ctr_x = boxes[:, 0][:, None] + np.float32(0.5) * widths
+    ctr_y = boxes[:, 1][:, None] + np.float32(0.5) * heights
+    dx, dy = d[..., 0] / wx, d[..., 1] / wy
+    dw = np.minimum(d[..., 2] / ww, np.float32(clip))
+    dh = np.minimum(d[..., 3] / wh, np.float32(clip))
+    pred_ctr_x, pred_ctr_y = dx * widths + ctr_x, dy * heights + ctr_y
+    half_w, half_h = np.float32(0.5) * np.exp(dw) * widths, np.float32(0.5) * np.exp(dh) * heights
+    return np.stack([pred_ctr_x - half_w, pred_ctr_y - half_h, pred_ctr_x + half_w, pred_ctr_y + half_h],
+                    axis=2).astype(np.float32, copy=False)
