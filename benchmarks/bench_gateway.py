@@ -45,8 +45,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from loadtests.run import free_port, wait_serving  # noqa: E402
-from service.imaging import decode_encoded  # noqa: E402
-from service.pipelines import classification  # noqa: E402
+from service.ops.imaging import decode_encoded  # noqa: E402
+from service.pipelines.common import resize_plan  # noqa: E402
 
 MODEL = "resnet18"
 NOBATCH = "resnet18_nobatch"
@@ -244,7 +244,7 @@ class Clients:
         self.vision = vision_pb2_grpc.VisionStub(self.channel)
         jpegs = [encode_jpeg(p) for p in photos]
         # (a) tensors made beforehand by the gateway's own preprocessing, as InferInputs.
-        tensors = [classification.preprocess(decode_encoded(j, "bench", MAX_PIXELS), spec)[None] for j in jpegs]
+        tensors = [gateway_preprocess(j, spec)[None] for j in jpegs]
         self.infer_inputs = []
         for t in tensors:
             tensor = InferInput(spec.image_input.name, list(t.shape), "UINT8")
@@ -332,11 +332,17 @@ def rates(fns: dict, data: list[bytes], seconds: float, rounds: int = 3) -> dict
     return {name: counts[name] / times[name] for name in fns}
 
 
+def gateway_preprocess(data: bytes, spec) -> np.ndarray:
+    """The gateway's decode and resize plan for one classifier image: uint8 [3, H, W]."""
+    decoded = decode_encoded(data, "bench", MAX_PIXELS)
+    return resize_plan(spec, decoded.width, decoded.height).apply(decoded.image)
+
+
 def bench_preprocess(spec, photos: list[Image.Image], seconds: float) -> dict:
     out = {}
     for w, h in PREPROCESS_SIZES:
         data = [encode_jpeg(p.resize((w, h), Image.LANCZOS)) for p in photos]
-        gateway = lambda d: classification.preprocess(decode_encoded(d, "bench", MAX_PIXELS), spec)  # noqa: E731
+        gateway = lambda d: gateway_preprocess(d, spec)  # noqa: E731
         plain = lambda d: pillow_pipeline(d, spec.resize_size, spec.input_width)  # noqa: E731
         draft = lambda d: pillow_pipeline(d, spec.resize_size, spec.input_width, draft=True)  # noqa: E731
         diffs = [np.abs(gateway(d).astype(np.int16) - plain(d)) for d in data]

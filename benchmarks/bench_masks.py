@@ -3,7 +3,7 @@
     python benchmarks/bench_masks.py [--instances 100] [--height 480] [--width 640] [--no-model]
 
 Times, on the same random 28x28 mask probabilities and boxes (one run, median of
-repeats), the gateway's `service.masks` against torchvision's `paste_masks_in_image`
+repeats), the gateway's `service.ops.masks` against torchvision's `paste_masks_in_image`
 and pycocotools' `encode`, and prints each beside Mask R-CNN's own forward pass (eager
 torchvision `maskrcnn_resnet50_fpn`, random weights, one image) and beside its dense
 part alone, the lower bound used for the share. The goal: the gateway's
@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service import masks  # noqa: E402
+from service.ops import masks  # noqa: E402
 
 MASK_SIZE = 28
 # Postprocessing should cost at most this share of the model's forward pass.
@@ -124,9 +124,9 @@ def main(argv=None):
         coco_mask.encode(np.asfortranarray(pasted.transpose(1, 2, 0).astype(np.uint8)))
 
     rows = [
-        ("service.masks.paste_and_encode (RLE, no full masks)", lambda: masks.paste_and_encode(probs, boxes, h, w)),
-        ("service.masks.paste_masks (bool [N, H, W])", lambda: masks.paste_masks(probs, boxes, h, w)),
-        ("service.masks.encode_rle of those masks", lambda: [masks.encode_rle(m) for m in binary]),
+        ("service.ops.masks.paste_and_encode (RLE, no full masks)", lambda: masks.paste_and_encode(probs, boxes, h, w)),
+        ("service.ops.masks.paste_masks (bool [N, H, W])", lambda: masks.paste_masks(probs, boxes, h, w)),
+        ("service.ops.masks.encode_rle of those masks", lambda: [masks.encode_rle(m) for m in binary]),
         ("pycocotools encode of those masks", lambda: coco_mask.encode(fortran)),
         ("torchvision paste_masks_in_image > 0.5", tv_paste),
         ("torchvision paste + pycocotools encode", tv_paste_coco_rle),
@@ -151,7 +151,7 @@ def main(argv=None):
     for what, seconds in timings:
         print(f"{what + ' (1 image)':<55} {seconds * 1e3:>9.1f}")
     if model_s:
-        ours = dict(results)["service.masks.paste_and_encode (RLE, no full masks)"]
+        ours = dict(results)["service.ops.masks.paste_and_encode (RLE, no full masks)"]
         verdict = "within" if ours <= BUDGET_SHARE * model_s else "OVER"
         print(f"gateway mask postprocessing = {ours / model_s:.1%} of the model's dense part (the lower bound "
               f"of its time): {verdict} the {BUDGET_SHARE:.0%} budget")

@@ -1,4 +1,4 @@
-"""Class-aware NMS speed: service.boxes.batched_nms against the slow reference of
+"""Class-aware NMS speed: service.ops.boxes.batched_nms against the slow reference of
 tests/test_boxes.py and, where its compiled ops load, torchvision's CPU kernel.
 
 Run: python benchmarks/bench_nms.py   (pinned to one core and one thread)
@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from service import boxes  # noqa: E402
+from service.ops import boxes  # noqa: E402
 from test_boxes import reference_batched_nms  # noqa: E402
 
 SIZES = (1_000, 5_000, 10_000)
@@ -116,10 +116,8 @@ def main() -> None:
 def postprocess_table(rng: np.random.Generator) -> None:
     """The whole Detect postprocess of one image (decode + threshold + class-aware NMS +
     top-N + mapping back) on a YOLOv8 output at 640 x 640: [84, 8400]."""
-    from PIL import Image
-
-    from service.imaging import Decoded
     from service.pipelines import detection
+    from service.pipelines.common import Context, resize_plan
     from service.spec import ModelSpec, TensorSpec
 
     anchors, labels = 8400, tuple(str(i) for i in range(CLASSES))
@@ -127,7 +125,7 @@ def postprocess_table(rng: np.random.Generator) -> None:
                      inputs=(TensorSpec("images__0", np.dtype(np.uint8), (3, 640, 640)),),
                      outputs=(TensorSpec("predictions__0", np.dtype(np.float32), (4 + CLASSES, anchors)),),
                      resize_mode="letterbox", output_layout="yolov8", labels=labels)
-    decoded = Decoded(Image.new("RGB", (1280, 720)))
+    context = Context(1280, 720, resize_plan(spec, 1280, 720))
     print(f"\nDetect postprocess, yolov8 [{4 + CLASSES}, {anchors}] at 640, image 1280x720, IoU > 0.7, "
           "max 300; median of repeats")
     print(f"{'candidates':>10} {'kept':>5} {'ms':>7}")
@@ -140,8 +138,8 @@ def postprocess_table(rng: np.random.Generator) -> None:
         rows[4 + c, np.arange(anchors)] = np.where(np.arange(anchors) < candidates, 0.3 + 0.7 * s, 0.1)
         outputs = {"predictions__0": rows[None]}
         options = detection.DetectOptions(0.25, 0.7, 300)
-        kept = len(detection.postprocess(outputs, spec, decoded, options).scores)
-        ms = median_ms(lambda: detection.postprocess(outputs, spec, decoded, options), repeats=30)
+        kept = len(detection.postprocess(outputs, context, spec, options).scores)
+        ms = median_ms(lambda: detection.postprocess(outputs, context, spec, options), repeats=30)
         print(f"{candidates:>10} {kept:>5} {ms:>7.2f}")
 
 

@@ -44,10 +44,9 @@ def main() -> None:
 
     from helpers import encode, photo
     from service.exporter import export_model
-    from service.imaging import decode_encoded
-    from service.pipelines import regions
+    from service.ops.imaging import decode_encoded
+    from service.pipelines import detection, regions
     from service.pipelines.detection import resolve_options
-    from service.pipelines.regions import LAYOUTS
     from service.spec import ModelSpec
 
     torch.set_num_threads(args.threads)
@@ -77,20 +76,18 @@ def main() -> None:
 
     def run_regions(spec, model, decoded):
         """(proposals, warp/resize, network, decode + NMS) seconds, and the region count."""
-        layout = LAYOUTS[spec.output_layout]
         options = resolve_options({}, spec)
         t0 = time.perf_counter()
-        tensors = layout.preprocess(decoded, spec, options)
+        tensors, context = regions.REGION_INPUTS[spec.output_layout](decoded, spec)
         t1 = time.perf_counter()
         inputs = [torch.from_numpy(tensors[t.name]) for t in spec.inputs]
         with torch.inference_mode():
             outs = model(*inputs)
         t2 = time.perf_counter()
         outputs = {t.name: o.numpy() for t, o in zip(spec.outputs, outs)}
-        outputs["proposals"] = tensors["proposals"]
-        layout.postprocess(outputs, spec, decoded, options)
+        detection.postprocess(outputs, context, spec, options)
         t3 = time.perf_counter()
-        return (searched[-1], t1 - t0 - searched[-1], t2 - t1, t3 - t2), len(tensors["proposals"])
+        return (searched[-1], t1 - t0 - searched[-1], t2 - t1, t3 - t2), len(context.proposals)
 
     faster = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(
         weights=None, weights_backbone=None).eval()

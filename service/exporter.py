@@ -297,7 +297,7 @@ def export_model(
     options: dict[str, str] | None = None,
 ) -> ExportResult:
     """Export zoo architecture `arch_name` (+ checkpoint) as entry `name`, version `version`;
-    `options` override the architecture's spec options (e.g. ``{"proposals": "50"}``)."""
+    `options` override the architecture's spec options (e.g. ``--option proposals=50``)."""
     arch = zoo.get(arch_name)
     if fmt not in NAME_SUFFIX:
         raise ExportError(f"format must be one of {', '.join(NAME_SUFFIX)}, got {fmt!r}")

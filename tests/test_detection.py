@@ -258,10 +258,9 @@ def test_resize_mode_and_input_size_must_agree():
 
 
 @pytest.mark.parametrize("layout", ["yolov8", "yolov5"])
-def test_decode_rows_point_at_the_models_anchors(layout):
+def test_early_threshold_keeps_exactly_the_candidates_above_it(layout):
     rng = np.random.default_rng(7)
     v5 = layout == "yolov5"
-    spec = make_spec(layout, anchors=300)
     rows = random_rows(rng, 300, 256, 320, objectness=v5)
     out = {"predictions__0": rows[None] if v5 else rows.T[None]}
     names = ("predictions__0",)

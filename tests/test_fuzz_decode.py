@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from helpers import encode, photo
 from service.errors import InvalidArgument
-from service.ops.imaging import to_chw
+from service.ops.resize import to_chw
 from service.pipelines.common import ImageInput, decode_image
 
 EXAMPLES = int(os.environ.get("CONVSERVE_FUZZ_EXAMPLES", "250"))

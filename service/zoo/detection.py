@@ -59,7 +59,7 @@ from . import Architecture, contract, register
 COCO_NUM_CLASSES = 91  # torchvision's COCO indexing: 80 classes, gaps, 0 = background
 COCO_LABELS_RESOURCE = "coco_categories.txt"
 # torchvision's defaults: shorter side 800, longer side at most 1333 (the layout's).
-DEFAULT_MIN_SIZE, DEFAULT_MAX_SIZE = (layouts.get("rcnn_candidates").default(k) for k in ("min_size", "max_size"))
+MIN_SIZE, MAX_SIZE = (layouts.get("rcnn_candidates").default(k) for k in ("min_size", "max_size"))
 # Candidates per image. Faster R-CNN: the RPN keeps 1000 proposals, so 1000 candidates
 # hold every candidate of almost any image. Mask R-CNN runs its mask head (about 0.5
 # GMAC per box) on every valid candidate, not on the <= 100 detections stock keeps after
@@ -223,7 +223,7 @@ def _sized_options(height: int, width: int) -> dict[str, str]:
     """An export size S sets min_size = S and max_size in torchvision's 800:1333 ratio."""
     size = min(height, width)
     return layouts.get("rcnn_candidates").option_strings(
-        min_size=size, max_size=round(size * DEFAULT_MAX_SIZE / DEFAULT_MIN_SIZE))
+        min_size=size, max_size=round(size * MAX_SIZE / MIN_SIZE))
 
 
 def _output_specs(with_masks: bool, max_candidates: int):
@@ -249,7 +249,7 @@ for _name, _task, _k, _eps in (
         name=_name, task=_task, build=_builder(_name, _eps),
         wrap=_wrap_with(MaskRCNNCandidates if _masks else RCNNCandidates),
         num_classes=COCO_NUM_CLASSES, labels_resource=COCO_LABELS_RESOURCE,
-        input_size=(DEFAULT_MIN_SIZE, DEFAULT_MIN_SIZE), resize_mode="none",
+        input_size=(MIN_SIZE, MIN_SIZE), resize_mode="none",
         output_layout="rcnn_candidates",
         options=_options(_k), output_specs=_output_specs(_masks, _k), variable_input_size=True,
         sized_options=_sized_options, classes_key="roi_heads.box_predictor.cls_score.weight",
