@@ -374,12 +374,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Status when stdout's reader went away (`convserve predict ... | head`): 128 + SIGPIPE,
+# what the shell reports for any Unix tool that a closed pipe ended (`seq 9999 | head -1;
+# echo ${PIPESTATUS[0]}` prints 141). Not 0: that would tell a `set -o pipefail` script
+# the whole output was delivered; not 1 (the Python docs' example), which is this CLI's
+# status for real failures.
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+
+
+def _quiet_broken_pipe() -> int:
+    """The pattern the Python docs recommend for SIGPIPE (signal module, "Note on
+    SIGPIPE"): point stdout at /dev/null, so that the interpreter's final flush of what
+    is still buffered cannot raise a second BrokenPipeError at exit."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return EXIT_BROKEN_PIPE
+
+
 def main(argv=None) -> int:
     from pydantic import ValidationError
 
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, where a closed pipe can still be handled
+        return code
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
     except ValidationError as exc:
         for error in exc.errors():
             field = ".".join(str(part) for part in error["loc"])
