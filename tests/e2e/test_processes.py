@@ -102,6 +102,10 @@ class Run:
         raise AssertionError(f"no tritonserver with {STUBS} stubs: {self.output()[-3000:]}")
 
     def cleanup(self) -> None:
+        try:  # what is still running below the command: Triton is in a session of its own
+            self.seen += psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.Error:
+            pass
         for process in self.seen:
             try:
                 process.kill()  # psutil checks the create time: never a reused pid
