@@ -11,6 +11,7 @@ import logging
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from . import logs
@@ -94,13 +95,17 @@ def _triton_settings(args):
                          triton_grpc_port=args.triton_grpc_port, triton_metrics_port=args.triton_metrics_port)
 
 
-def _start_triton(settings):
+def _launch_triton(settings):
     from .embedded import start_triton
 
-    triton = start_triton(
+    return start_triton(
         settings.model_repository, http_port=settings.triton_http_port, grpc_port=settings.triton_grpc_port,
         metrics_port=settings.triton_metrics_port, log_path=settings.triton_log,
         state_dir=settings.triton_log.parent, bind_address=settings.triton_bind_address)
+
+
+def _start_triton(settings):
+    triton = _launch_triton(settings)
     try:
         triton.wait_ready(settings.triton_startup_timeout_s)
     except BaseException:
@@ -109,28 +114,50 @@ def _start_triton(settings):
     return triton
 
 
-def _wait_for_signal() -> None:
-    received = []
+def _wait_for_signal_or_exit(triton) -> int | None:
+    """Block until SIGTERM/SIGINT (returns None) or until tritonserver dies (returns
+    its shell-style exit status, after its stubs are killed and it is reaped).
 
-    def handler(signum, frame):
-        received.append(signum)
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-    while not received:
-        signal.pause()
+    The signals are blocked and taken with sigtimedwait, SIGCHLD among them, so neither
+    can slip in between a check and the wait; the timeout is only a safety net."""
+    watched = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
+    signal.pthread_sigmask(signal.SIG_BLOCK, watched)
+    try:
+        while True:
+            if triton.dead():
+                return triton.reap()
+            info = signal.sigtimedwait(watched, 1.0)
+            if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
+                return None
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, watched)
 
 
 def cmd_triton(args) -> int:
+    """Runs until SIGTERM/SIGINT (exit 0) or until Triton dies: then it exits with Triton's
+    status (128 + signal number for a signal, as shells report it), so a supervisor
+    (systemd, Kubernetes) sees the crash and restarts the whole unit."""
+    from .embedded import TritonExited
+
     settings = _triton_settings(args)
-    triton = _start_triton(settings)
+    try:
+        triton = _start_triton(settings)
+    except TritonExited as exc:
+        print(f"convserve triton: {exc}", file=sys.stderr, flush=True)
+        return exc.status
     print(f"triton ready: grpc 127.0.0.1:{settings.triton_grpc_port}, "
           f"http 127.0.0.1:{settings.triton_http_port}; log {settings.triton_log}", flush=True)
+    status = None
     try:
-        _wait_for_signal()
+        status = _wait_for_signal_or_exit(triton)
     finally:
-        triton.stop()
-    return 0
+        if status is None:
+            triton.stop()
+    if status is None:
+        return 0
+    print(f"convserve triton: tritonserver died (exit status {status}); see {settings.triton_log}",
+          file=sys.stderr, flush=True)
+    return status
 
 
 # ----------------------------------------------------------------------- gateway
@@ -139,7 +166,9 @@ def _gateway_settings(args, **extra):
                          reflection=False if args.no_reflection else None, **extra)
 
 
-async def _run_gateway(settings, on_stopped=None) -> None:
+async def _run_gateway(settings, on_stopped=None, beside=None) -> None:
+    """Serve until SIGTERM/SIGINT, then drain. `beside`: a coroutine run as a task while
+    the gateway serves and drains (`serve`'s Triton supervisor), cancelled after."""
     from . import metrics
     from .server import Gateway
 
@@ -152,9 +181,13 @@ async def _run_gateway(settings, on_stopped=None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    task = asyncio.create_task(beside) if beside is not None else None
     await stop.wait()
     # Drain first: NOT_SERVING, refuse new calls, finish the ones in flight.
     await gateway.stop()
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
     if on_stopped is not None:
         on_stopped()
 
@@ -167,6 +200,68 @@ def cmd_gateway(args) -> int:
 
 
 # ------------------------------------------------------------------------- serve
+class TritonSupervisor:
+    """`convserve serve` keeps its embedded Triton alive: when tritonserver dies, what is
+    left of its process group (the python backend stubs, with their models) is killed,
+    and a new Triton starts on the same ports after a backoff that doubles while Triton
+    keeps dying soon after each start (capped). The gateway needs no help: it turns
+    NOT_SERVING while Triton is down and reconnects by itself.
+
+    It runs on the event loop, so each new tritonserver is started from the main thread
+    (see `start_triton`: its parent-death signal follows the starting thread)."""
+
+    # How often it looks whether tritonserver is still running (a waitid, no syscall
+    # storm: four a second).
+    POLL_S = 0.25
+
+    def __init__(self, settings, triton):
+        self.settings = settings
+        self.triton = triton
+        self.restarts = 0
+
+    async def run(self) -> None:
+        s = self.settings
+        delay = s.triton_restart_backoff_s
+        started = time.monotonic()
+        while True:
+            await asyncio.sleep(self.POLL_S)
+            if not self.triton.dead():
+                continue
+            status = self.triton.reap()
+            if time.monotonic() - started >= s.triton_restart_reset_s:
+                delay = s.triton_restart_backoff_s  # it had run well: start over from the shortest delay
+            log.error("tritonserver died; restarting it", extra={
+                "exit_status": status, "restart_in_s": delay, "triton_log": str(s.triton_log)})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, s.triton_restart_backoff_max_s)
+            started = time.monotonic()
+            try:
+                self.triton = _launch_triton(s)
+            except Exception:  # e.g. the repository is gone: keep the backoff, try again
+                log.exception("tritonserver could not be started")
+                continue
+            self.restarts += 1
+            if await self._wait_ready():
+                log.info("tritonserver restarted", extra={"restarts": self.restarts,
+                                                         "seconds": round(time.monotonic() - started, 2)})
+
+    async def _wait_ready(self) -> bool:
+        """True once the new Triton is ready; False if it died first (the loop restarts
+        it) or was not ready in time (then it is stopped, and the loop restarts it)."""
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + self.settings.triton_startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.triton.dead():
+                return False
+            if await loop.run_in_executor(None, self.triton.ready):
+                return True
+            await asyncio.sleep(self.POLL_S)
+        log.error("restarted tritonserver not ready in time; stopping it",
+                  extra={"timeout_s": self.settings.triton_startup_timeout_s})
+        self.triton.stop()
+        return False
+
+
 def cmd_serve(args) -> int:
     base = _triton_settings(args)
     if is_empty_repository(base.model_repository):
@@ -176,13 +271,13 @@ def cmd_serve(args) -> int:
                                  triton_metrics_port=args.triton_metrics_port)
     settings = settings.model_copy(update={"triton_url": f"127.0.0.1:{settings.triton_grpc_port}"})
     logs.configure(settings.log_level)
-    triton = _start_triton(settings)
+    supervisor = TritonSupervisor(settings, _start_triton(settings))
     print(f"triton ready on 127.0.0.1:{settings.triton_grpc_port}; log {settings.triton_log}", flush=True)
     try:
         # Triton stops only after the gateway has drained.
-        asyncio.run(_run_gateway(settings))
+        asyncio.run(_run_gateway(settings, beside=supervisor.run()))
     finally:
-        code = triton.stop()
+        code = supervisor.triton.stop()
         print(f"triton stopped (exit code {code})", flush=True)
     return 0
 
@@ -279,12 +374,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Status when stdout's reader went away (`convserve predict ... | head`): 128 + SIGPIPE,
+# what the shell reports for any Unix tool that a closed pipe ended (`seq 9999 | head -1;
+# echo ${PIPESTATUS[0]}` prints 141). Not 0: that would tell a `set -o pipefail` script
+# the whole output was delivered; not 1 (the Python docs' example), which is this CLI's
+# status for real failures.
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+
+
+def _quiet_broken_pipe() -> int:
+    """The pattern the Python docs recommend for SIGPIPE (signal module, "Note on
+    SIGPIPE"): point stdout at /dev/null, so that the interpreter's final flush of what
+    is still buffered cannot raise a second BrokenPipeError at exit."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return EXIT_BROKEN_PIPE
+
+
 def main(argv=None) -> int:
     from pydantic import ValidationError
 
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, where a closed pipe can still be handled
+        return code
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
     except ValidationError as exc:
         for error in exc.errors():
             field = ".".join(str(part) for part in error["loc"])

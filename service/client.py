@@ -1,7 +1,8 @@
 """`convserve predict`: a small gRPC client that prints results or draws them.
 
 It asks the model's task with GetModel, then calls that task's method; each task has one
-function here that sends the request, prints the answer and draws `--out`.
+function here that sends the request, draws `--out`, then prints the answer: the file
+is written first, so a closed stdout (`| head`) cannot cost it.
 """
 from __future__ import annotations
 
@@ -39,6 +40,11 @@ def classify(stub, args, images) -> int:
         [{"index": l.index, "name": l.name, "score": round(l.score, 6)} for l in result.labels]
         for result in response.results
     ]
+    if args.out:  # first: the file is written whatever becomes of stdout
+        from .draw import draw_labels
+
+        lines = [f"{l['name']}  {l['score']:.3f}" for l in rows[0]]
+        draw_labels(_upright(args.images[0]), lines).save(args.out, format="PNG")
     if args.json:
         _print_json(response, [{"image": str(p), "labels": r} for p, r in zip(args.images, rows)])
     else:
@@ -48,10 +54,6 @@ def classify(stub, args, images) -> int:
             for rank, label in enumerate(labels, 1):
                 print(f"  {rank:>4}  {label['index']:>5}  {label['score']:>8.4f}  {label['name']}")
     if args.out:
-        from .draw import draw_labels
-
-        lines = [f"{l['name']}  {l['score']:.3f}" for l in rows[0]]
-        draw_labels(_upright(args.images[0]), lines).save(args.out, format="PNG")
         print(f"wrote {args.out}")
     return 0
 
@@ -69,6 +71,12 @@ def detect(stub, args, images) -> int:
          for d in result.detections]
         for result in response.results
     ]
+    if args.out:  # first: the file is written whatever becomes of stdout
+        from .draw import draw_boxes
+
+        image = draw_boxes(_upright(args.images[0]), [
+            (d["box"], f"{d['name']} {d['score']:.2f}", d["index"]) for d in rows[0]])
+        image.save(args.out, format="PNG")
     if args.json:
         _print_json(response, [{"image": str(p), "width": r.image_width, "height": r.image_height,
                                 "detections": d} for p, r, d in zip(args.images, response.results, rows)])
@@ -81,11 +89,6 @@ def detect(stub, args, images) -> int:
                 print(f"  {d['index']:>5}  {d['score']:>7.4f}  " + " ".join(f"{v:>7.1f}" for v in d["box"])
                       + f"  {d['name']}")
     if args.out:
-        from .draw import draw_boxes
-
-        image = draw_boxes(_upright(args.images[0]), [
-            (d["box"], f"{d['name']} {d['score']:.2f}", d["index"]) for d in rows[0]])
-        image.save(args.out, format="PNG")
         print(f"wrote {args.out}")
     return 0
 
@@ -160,6 +163,21 @@ def segment(stub, args, images) -> int:
                  "mask_pixels": int(_mask(d.mask, result.image_height, result.image_width).sum())}
                 for d in result.instances]
         rows.append(row)
+    if args.out:  # first: the file is written whatever becomes of stdout
+        import io
+
+        import numpy as np
+
+        from .draw import draw_instances, draw_label_map
+
+        result, image = response.results[0], _upright(args.images[0])
+        if result.label_map_png:
+            drawn = draw_label_map(image, np.asarray(Image.open(io.BytesIO(result.label_map_png))))
+        else:
+            drawn = draw_instances(image, [
+                ((d.box.x_min, d.box.y_min, d.box.x_max, d.box.y_max), f"{d.label.name} {d.label.score:.2f}",
+                 _mask(d.mask, result.image_height, result.image_width)) for d in result.instances])
+        drawn.save(args.out, format="PNG")
     if args.json:
         _print_json(response, rows)
     else:
@@ -175,20 +193,6 @@ def segment(stub, args, images) -> int:
                     box = ", ".join(f"{v:.1f}" for v in d["box"])
                     print(f"  {d['index']:>5}  {d['score']:>6.3f}  {d['mask_pixels']:>8}  {box:<28}  {d['name']}")
     if args.out:
-        import io
-
-        import numpy as np
-
-        from .draw import draw_instances, draw_label_map
-
-        result, image = response.results[0], _upright(args.images[0])
-        if result.label_map_png:
-            drawn = draw_label_map(image, np.asarray(Image.open(io.BytesIO(result.label_map_png))))
-        else:
-            drawn = draw_instances(image, [
-                ((d.box.x_min, d.box.y_min, d.box.x_max, d.box.y_max), f"{d.label.name} {d.label.score:.2f}",
-                 _mask(d.mask, result.image_height, result.image_width)) for d in result.instances])
-        drawn.save(args.out, format="PNG")
         print(f"wrote {args.out}")
     return 0
 

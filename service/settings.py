@@ -59,6 +59,12 @@ class Settings(BaseSettings):
     triton_startup_timeout_s: float = Field(300.0, gt=0)
     # The embedded Triton listens on loopback only: the gateway is its one client.
     triton_bind_address: str = "127.0.0.1"
+    # `convserve serve` restarts a Triton that died: first after this many seconds, then
+    # twice as long after each death that came sooner than triton_restart_reset_s after
+    # the last start, never longer than the maximum.
+    triton_restart_backoff_s: float = Field(1.0, gt=0, le=600)
+    triton_restart_backoff_max_s: float = Field(30.0, gt=0, le=3600)
+    triton_restart_reset_s: float = Field(60.0, gt=0)
     default_models: str = "resnet18,yolo,unet,maskrcnn_resnet50_fpn,cyclegan,rcnn,fast_rcnn"
 
     @field_validator("log_level")

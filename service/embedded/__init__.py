@@ -13,11 +13,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from . import lifetime
 
 log = logging.getLogger("convserve.triton")
 
@@ -65,6 +68,14 @@ def _copy_if_changed(source: Path, dest: Path) -> None:
     shutil.copy2(source, dest)
 
 
+class TritonExited(RuntimeError):
+    """tritonserver died before it was ready; `status` is its shell-style exit status."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
 @dataclass
 class TritonProcess:
     """A running tritonserver in its own process group."""
@@ -88,29 +99,58 @@ class TritonProcess:
     def wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"tritonserver exited with code {self.process.returncode}; see {self.log_path}:\n"
-                    + _tail(self.log_path))
+            if self.dead():
+                status = self.reap()
+                raise TritonExited(status, f"tritonserver exited with status {status}; see {self.log_path}:\n"
+                                   + _tail(self.log_path))
             if self.ready():
                 return
             time.sleep(0.25)
         raise RuntimeError(f"tritonserver not ready after {timeout_s:.0f}s; see {self.log_path}:\n" + _tail(self.log_path))
 
+    def dead(self) -> bool:
+        """True once tritonserver has exited. It is not reaped here (WNOWAIT), so its pid,
+        which is also its process group's id, cannot be reused before `reap`."""
+        if self.process.returncode is not None:
+            return True
+        try:
+            return os.waitid(os.P_PID, self.process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:  # reaped elsewhere
+            return True
+
+    def reap(self) -> int:
+        """After tritonserver died: SIGKILL what is left of its process group (the python
+        backend stubs and their loaded models), reap it, and return `exit_status`."""
+        if self.process.returncode is None:
+            self._signal_group(signal.SIGKILL)
+            self.process.wait()
+        return self.exit_status
+
+    @property
+    def exit_status(self) -> int:
+        """tritonserver's exit status in the shell's convention: its exit code, or 128 +
+        the signal number when a signal ended it (137 for SIGKILL)."""
+        code = self.process.returncode
+        return 128 - code if code < 0 else code
+
     def stop(self, timeout_s: float = 30.0) -> int:
-        """SIGTERM the process group (Triton unloads its models), SIGKILL after timeout."""
-        if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
+        """SIGTERM the process group (Triton unloads its models), SIGKILL after timeout;
+        then SIGKILL whatever is left in the group. Returns tritonserver's return code."""
+        if not self.dead():
+            self._signal_group(signal.SIGTERM)
+            deadline = time.monotonic() + timeout_s
+            while not self.dead() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if not self.dead():
                 log.warning("tritonserver did not stop in time; killing it")
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        self.reap()
         return self.process.returncode
+
+    def _signal_group(self, signum: int) -> None:
+        try:
+            os.killpg(self.process.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def _tail(path: Path, lines: int = 30) -> str:
@@ -134,7 +174,16 @@ def start_triton(
     """Start the embedded tritonserver on `repository` (CPU profile); returns at once.
 
     Call `wait_ready` on the result to block until every model is loaded.
+
+    tritonserver runs in a session and process group of its own (a terminal's Ctrl-C
+    reaches the caller only, who stops Triton after the gateway has drained), and it
+    dies with the caller: SIGKILL is its parent-death signal (see `lifetime`). That
+    signal follows the thread that forks, so this must be called from the main thread,
+    which lives as long as the process; it raises anywhere else.
     """
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("start_triton must be called from the main thread: tritonserver's parent-death "
+                           "signal fires when the thread that started it exits")
     root, libs = _pytriton_paths()
     repository = Path(repository).resolve()
     if not repository.is_dir():
@@ -166,6 +215,9 @@ def start_triton(
     log.info("starting tritonserver", extra={"repository": str(repository), "grpc_port": grpc_port,
                                              "log": str(log_path)})
     with open(log_path, "ab") as log_file:
+        # The preexec_fn only calls prctl, getppid and kill, set up before the fork, so it
+        # is safe beside the gateway's threads.
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+                                   stdin=subprocess.DEVNULL, start_new_session=True,
+                                   preexec_fn=lifetime.preexec_die_with_parent(os.getpid()))
     return TritonProcess(process, http_port, grpc_port, log_path)

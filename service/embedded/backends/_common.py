@@ -19,6 +19,9 @@ class BatchedModel:
     def initialize(self, args):
         import triton_python_backend_utils as pb_utils
 
+        from service.embedded import lifetime
+
+        lifetime.die_with_triton()
         self.pb = pb_utils
         self.config = json.loads(args["model_config"])
         self.input_names = [t["name"] for t in self.config["input"]]
