@@ -284,7 +284,7 @@ def cmd_serve(args) -> int:
 
 # ----------------------------------------------------------------------- predict
 def cmd_predict(args) -> int:
-    from .client import predict_main
+    from .client.predict import predict_main
 
     return predict_main(args)
 

@@ -274,7 +274,7 @@ def test_boxes_are_clipped_but_masks_use_the_models_boxes():
 
 # -------------------------------------------------------------------------- drawing
 def test_voc_palette_and_overlays():
-    from service.draw import draw_instances, draw_label_map, voc_palette
+    from service.client.draw import draw_instances, draw_label_map, voc_palette
 
     # The PASCAL VOC colour map's first entries (VOCdevkit's labelcolormap).
     assert voc_palette()[:6].tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0], [0, 0, 128],

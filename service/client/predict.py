@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 from PIL import Image, ImageOps
 
-from ._proto import vision_pb2, vision_pb2_grpc
+from .._proto import vision_pb2, vision_pb2_grpc
 
 
 def _fail(error: grpc.RpcError) -> int:
@@ -130,7 +130,7 @@ def _mask(mask, height: int, width: int):
 
     import numpy as np
 
-    from .ops.masks import decode_rle
+    from ..ops.masks import decode_rle
 
     if mask.WhichOneof("encoding") == "png":
         return np.asarray(Image.open(io.BytesIO(mask.png))).astype(bool)
