@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import logs
+from .gateway import logs
 from .settings import load_settings
 
 log = logging.getLogger("convserve")
@@ -140,8 +140,8 @@ def _gateway_settings(args, **extra):
 
 
 async def _run_gateway(settings, on_stopped=None) -> None:
-    from . import metrics
-    from .server import Gateway
+    from .gateway import metrics
+    from .gateway.server import Gateway
 
     metrics.start_exporter(settings.metrics_port)
     gateway = Gateway(settings)

@@ -11,7 +11,7 @@ FORBIDDEN = ("torch", "torchvision", "onnxruntime", "service.zoo", "service.expo
 PROGRAM = f"""
 import asyncio, sys
 from service import cli
-from service.server import Gateway
+from service.gateway.server import Gateway
 from service.settings import load_settings
 
 async def main():

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from helpers import encode, free_port, photo
-from service import server as server_module
+from service.gateway import server as server_module
 from service._proto import vision_pb2, vision_pb2_grpc
-from service.dataplane import DataPlane
-from service.logs import JsonFormatter
-from service.server import Gateway
+from service.gateway.dataplane import DataPlane
+from service.gateway.logs import JsonFormatter
+from service.gateway.server import Gateway
 from service.settings import load_settings
 from test_spec import sample_spec
 

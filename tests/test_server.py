@@ -9,9 +9,9 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from helpers import free_port
-from service import server as server_module
+from service.gateway import server as server_module
 from service._proto import vision_pb2, vision_pb2_grpc
-from service.dataplane import DataPlane
+from service.gateway.dataplane import DataPlane
 from service.errors import FailedPrecondition, InvalidArgument
 from service.settings import load_settings
 from test_spec import sample_spec
@@ -83,7 +83,7 @@ def test_wrong_task_is_failed_precondition():
 def test_triton_queue_full_maps_to_resource_exhausted():
     from tritonclient.utils import InferenceServerException
 
-    from service.triton import map_triton_error
+    from service.gateway.triton import map_triton_error
 
     error = map_triton_error(InferenceServerException(
         "Exceeds maximum queue size", status="StatusCode.UNAVAILABLE"), "m")

@@ -8,7 +8,7 @@ import grpc
 
 from helpers import free_port
 from service._proto import vision_pb2, vision_pb2_grpc
-from service.server import Gateway
+from service.gateway.server import Gateway
 from service.settings import load_settings
 
 
@@ -58,7 +58,7 @@ class _SlowFirstPlane:
         self.most_running = 0
 
     async def run(self, task, model, version, images, request, timeout_s):
-        from service.dataplane import Answer
+        from service.gateway.dataplane import Answer
         from service.errors import InvalidArgument
 
         index = int(model)
@@ -74,7 +74,7 @@ class _SlowFirstPlane:
 
 
 async def _serve_plane(plane, body):
-    from service import server as server_module
+    from service.gateway import server as server_module
 
     port = free_port()
     server = grpc.aio.server(interceptors=[server_module.ErrorInterceptor(_Known(), 8)])
@@ -105,7 +105,7 @@ def test_pipelined_frames_answer_in_request_order():
 
     assert asyncio.run(_serve_plane(plane, all_at_once)) == [str(i) for i in range(10)]
     # Frames overlapped, within the window.
-    from service.server import STREAM_WINDOW
+    from service.gateway.server import STREAM_WINDOW
 
     assert 1 < plane.most_running <= STREAM_WINDOW
 
@@ -147,7 +147,7 @@ class _StuckPlane:
         self.cancelled = 0
 
     async def run(self, task, model, version, images, request, timeout_s):
-        from service.dataplane import Answer
+        from service.gateway.dataplane import Answer
 
         if model == "0":
             return Answer(model, "0", [])

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-from .. import metrics
+from ..gateway import metrics
 from ..boxes import clip_boxes, select_detections
 from ..errors import InvalidArgument
 from ..imaging import Decoded, softmax

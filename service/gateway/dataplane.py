@@ -15,11 +15,11 @@ from typing import Sequence
 import numpy as np
 
 from . import metrics
-from .errors import FailedPrecondition, InvalidArgument, Unavailable
-from .imaging import Decoded, normalize
-from .pipelines.common import ImageInput, Task, Tensors, decode_image
-from .settings import Settings
-from .spec import ModelSpec
+from ..errors import FailedPrecondition, InvalidArgument, Unavailable
+from ..imaging import Decoded, normalize
+from ..pipelines.common import ImageInput, Task, Tensors, decode_image
+from ..settings import Settings
+from ..spec import ModelSpec
 from .triton import ModelStatus, TritonModels
 
 

@@ -14,9 +14,9 @@ import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException
 
-from .errors import (Cancelled, ConvserveError, DeadlineExceeded, Internal, NotFound,
+from ..errors import (Cancelled, ConvserveError, DeadlineExceeded, Internal, NotFound,
                      ResourceExhausted, Unavailable)
-from .spec import ModelSpec, triton_datatype_name
+from ..spec import ModelSpec, triton_datatype_name
 
 log = logging.getLogger(__name__)
 

@@ -22,12 +22,12 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from . import metrics
-from ._proto import vision_pb2, vision_pb2_grpc
+from .._proto import vision_pb2, vision_pb2_grpc
 from .dataplane import DataPlane
-from .errors import ConvserveError, InvalidArgument, NotFound, ResourceExhausted, Unavailable, Unimplemented
-from .pipelines import classification, detection, generation, segmentation
-from .pipelines.common import ImageInput
-from .settings import Settings
+from ..errors import ConvserveError, InvalidArgument, NotFound, ResourceExhausted, Unavailable, Unimplemented
+from ..pipelines import classification, detection, generation, segmentation
+from ..pipelines.common import ImageInput
+from ..settings import Settings
 from .auth import TokenStore
 from .triton import TritonModels
 
