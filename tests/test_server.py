@@ -9,7 +9,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from helpers import free_port
-from service.gateway import server as server_module
+from service.gateway.interceptors import ErrorInterceptor
 from service._proto import vision_pb2, vision_pb2_grpc
 from service.gateway.dataplane import DataPlane
 from service.errors import FailedPrecondition, InvalidArgument
@@ -27,7 +27,7 @@ class FakeServicer(vision_pb2_grpc.VisionServicer):
 
 async def _call(error):
     port = free_port()
-    server = grpc.aio.server(interceptors=[server_module.ErrorInterceptor(_NoTriton(), 8)])
+    server = grpc.aio.server(interceptors=[ErrorInterceptor(_NoTriton(), 8)])
     vision_pb2_grpc.add_VisionServicer_to_server(FakeServicer(error), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()

@@ -74,11 +74,12 @@ class _SlowFirstPlane:
 
 
 async def _serve_plane(plane, body):
-    from service.gateway import server as server_module
+    from service.gateway.interceptors import ErrorInterceptor
+    from service.gateway.servicer import VisionServicer
 
     port = free_port()
-    server = grpc.aio.server(interceptors=[server_module.ErrorInterceptor(_Known(), 8)])
-    vision_pb2_grpc.add_VisionServicer_to_server(server_module.VisionServicer(plane), server)
+    server = grpc.aio.server(interceptors=[ErrorInterceptor(_Known(), 8)])
+    vision_pb2_grpc.add_VisionServicer_to_server(VisionServicer(plane), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     try:
@@ -105,7 +106,7 @@ def test_pipelined_frames_answer_in_request_order():
 
     assert asyncio.run(_serve_plane(plane, all_at_once)) == [str(i) for i in range(10)]
     # Frames overlapped, within the window.
-    from service.gateway.server import STREAM_WINDOW
+    from service.gateway.servicer import STREAM_WINDOW
 
     assert 1 < plane.most_running <= STREAM_WINDOW
 

@@ -1,6 +1,6 @@
 """The data plane: runs a task pipeline for plain request data.
 
-It knows nothing of gRPC or protobuf (server.py translates), and nothing of torch.
+It knows nothing of gRPC or protobuf (convert.py translates), and nothing of torch.
 Per request: resolve the model's spec (cached, from Triton) -> decode and preprocess
 in a thread pool -> one Triton call per `max_batch_size` chunk, concurrently -> post-
 process. Each stage is timed in metrics.
