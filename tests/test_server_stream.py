@@ -8,6 +8,7 @@ import grpc
 
 from helpers import free_port
 from service._proto import vision_pb2, vision_pb2_grpc
+from service.gateway.dataplane import DataPlane
 from service.gateway.server import Gateway
 from service.settings import load_settings
 
@@ -49,9 +50,10 @@ def test_scoped_token_is_checked_for_every_streamed_model(tmp_path):
     assert anonymous[0] == "UNAUTHENTICATED"
 
 
-class _SlowFirstPlane:
+class _SlowFirstPlane(DataPlane):
     """A data plane whose answers take longer for earlier frames, so that pipelined
-    frames finish out of order; frame images named "bad" fail with InvalidArgument."""
+    frames finish out of order; frame images named "bad" fail with InvalidArgument.
+    Only `run` is replaced: the real `DataPlane.stream` pipelines the frames."""
 
     def __init__(self):
         self.running = 0
@@ -106,9 +108,7 @@ def test_pipelined_frames_answer_in_request_order():
 
     assert asyncio.run(_serve_plane(plane, all_at_once)) == [str(i) for i in range(10)]
     # Frames overlapped, within the window.
-    from service.gateway.servicer import STREAM_WINDOW
-
-    assert 1 < plane.most_running <= STREAM_WINDOW
+    assert 1 < plane.most_running <= DataPlane.STREAM_WINDOW
 
 
 def test_lockstep_client_does_not_deadlock():
@@ -140,7 +140,7 @@ def test_bad_frame_ends_the_stream_after_the_earlier_answers():
     assert details.startswith("frames[2].images[0].encoded")
 
 
-class _StuckPlane:
+class _StuckPlane(DataPlane):
     """Frame 0 answers at once; the others would take a minute unless cancelled."""
 
     def __init__(self):

@@ -1,7 +1,7 @@
 """Protobuf messages <-> plain data.
 
 With the servicer, the only module that touches convserve's messages: requests become
-the data plane's plain inputs (`ImageInput`, option dicts), its `Answer`s
+the data plane's plain inputs (`ImageInput`, option dicts, `Frame`), its `Answer`s
 become responses, and a domain error becomes a `grpc.Status` with its details.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from grpc_status import rpc_status
 from .._proto import vision_pb2
 from ..errors import ConvserveError, InvalidArgument
 from ..pipelines.common import ImageInput
-from .dataplane import Answer
+from .dataplane import Answer, Frame
 
 # The Vision service's full name, e.g. for health and reflection.
 SERVICE_NAME = vision_pb2.DESCRIPTOR.services_by_name["Vision"].full_name
@@ -64,6 +64,11 @@ def segment_options(request) -> dict:
 
 def generate_options(request) -> dict:
     return {"output_format": request.output_format, "jpeg_quality": _optional(request, "jpeg_quality")}
+
+
+def detect_frame(request) -> Frame:
+    """One DetectStream request as a frame for `DataPlane.stream`."""
+    return Frame(request.model, request.model_version, images_from_proto(request.images), detect_options(request))
 
 
 # --------------------------------------------------------------------- answers out

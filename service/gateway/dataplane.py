@@ -8,6 +8,7 @@ process. Each stage is timed in metrics.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
@@ -168,3 +169,82 @@ class DataPlane:
                     spec = None
             out.append((status, spec))
         return out
+
+    # --- streams
+    # Frames in flight per stream, the one being answered included: bounds a stream's
+    # memory and its share of the gateway.
+    STREAM_WINDOW = 4
+
+    async def stream(
+        self, task: Task, frames: AsyncIterator[Frame], time_remaining: Callable[[], float | None],
+    ) -> AsyncIterator[Answer]:
+        """Run a stream's frames and yield their answers in frame order.
+
+        Frames are pipelined: a reader task starts each frame as it arrives, so later
+        frames decode and infer while earlier ones are answered; at most
+        `STREAM_WINDOW` frames are in flight (a full window stops reading, so memory
+        stays bounded). An error ends the stream at its frame, after the answers of the
+        frames before it; InvalidArgument names the frame: ``frames[7].images[0].encoded``
+        is image 0 of the stream's eighth frame (counting from 0). An error raised by
+        `frames` itself (e.g. a token not allowed for a frame's model) ends the stream
+        at that point. When the consumer stops (the call is cancelled), the reader and
+        every frame still running are cancelled. `time_remaining()` is each frame's
+        deadline, read as the frame starts."""
+        started: asyncio.Queue = asyncio.Queue()
+        slots = asyncio.Semaphore(self.STREAM_WINDOW)
+
+        async def run_frame(frame: Frame, index: int) -> Answer:
+            try:
+                return await self.run(task, frame.model, frame.version, frame.images, frame.options,
+                                      time_remaining())
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"frames[{index}].{exc.field}", exc.description) from None
+
+        async def read() -> None:
+            index = 0
+            try:
+                async for frame in frames:
+                    await slots.acquire()
+                    started.put_nowait(asyncio.ensure_future(run_frame(frame, index)))
+                    index += 1
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the stream's source failed: answered in its turn
+                failed = asyncio.get_running_loop().create_future()
+                failed.set_exception(exc)
+                started.put_nowait(failed)
+                return
+            started.put_nowait(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (running := await started.get()) is not None:
+                try:
+                    yield await running
+                finally:
+                    slots.release()
+        finally:
+            reader.cancel()
+            while not started.empty():
+                _discard(started.get_nowait())
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One request of a stream, as plain data: what `DataPlane.run` takes."""
+
+    model: str
+    version: str
+    images: Sequence[ImageInput]
+    options: dict
+
+
+def _discard(running: asyncio.Future | None) -> None:
+    """Cancel a frame nobody will answer; a finished one's error is marked as seen."""
+    if running is None:
+        return
+    if running.done():
+        if not running.cancelled():
+            running.exception()
+    else:
+        running.cancel()

@@ -5,28 +5,13 @@ method catches anything; the interceptor maps every domain error to its status c
 """
 from __future__ import annotations
 
-import asyncio
+from contextlib import aclosing
 
 from .._proto import vision_pb2_grpc
 from ..errors import InvalidArgument, NotFound
 from ..pipelines import classification, detection, generation, segmentation
 from . import convert
 from .dataplane import DataPlane
-
-# DetectStream: frames in flight per stream, the one being answered included (bounds a
-# stream's memory and its share of the gateway).
-STREAM_WINDOW = 4
-
-
-def _discard(task: asyncio.Future | None) -> None:
-    """Cancel a frame nobody will answer; a finished one's error is marked as seen."""
-    if task is None:
-        return
-    if task.done():
-        if not task.cancelled():
-            task.exception()
-    else:
-        task.cancel()
 
 
 class VisionServicer(vision_pb2_grpc.VisionServicer):
@@ -48,54 +33,11 @@ class VisionServicer(vision_pb2_grpc.VisionServicer):
         return convert.detect_response(answer)
 
     async def DetectStream(self, request_iterator, context):
-        """Each request is one frame (or several images), answered in request order.
-
-        Frames are pipelined: a reader task starts each frame as it arrives, so later
-        frames decode and infer while earlier ones are answered; at most `STREAM_WINDOW`
-        frames are in flight (a full window stops reading, so memory stays bounded).
-        Answers still leave in request order. An error ends the stream at its frame,
-        after the answers of the frames before it; INVALID_ARGUMENT names the frame:
-        ``frames[7].images[0].encoded`` is image 0 of the stream's eighth request
-        (counting from 0)."""
-        started: asyncio.Queue = asyncio.Queue()
-        slots = asyncio.Semaphore(STREAM_WINDOW)
-
-        async def read() -> None:
-            frame = 0
-            try:
-                async for request in request_iterator:
-                    await slots.acquire()
-                    started.put_nowait(asyncio.ensure_future(self._detect_frame(request, frame, context)))
-                    frame += 1
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # e.g. a token not allowed for this frame's model
-                failed = asyncio.get_running_loop().create_future()
-                failed.set_exception(exc)
-                started.put_nowait(failed)
-                return
-            started.put_nowait(None)
-
-        reader = asyncio.ensure_future(read())
-        try:
-            while (task := await started.get()) is not None:
-                try:
-                    yield await task
-                finally:
-                    slots.release()
-        finally:
-            reader.cancel()
-            while not started.empty():
-                _discard(started.get_nowait())
-
-    async def _detect_frame(self, request, frame: int, context):
-        try:
-            answer = await self.plane.run(
-                detection.TASK, request.model, request.model_version, convert.images_from_proto(request.images),
-                convert.detect_options(request), context.time_remaining())
-        except InvalidArgument as exc:
-            raise InvalidArgument(f"frames[{frame}].{exc.field}", exc.description) from None
-        return convert.detect_response(answer)
+        """Each request is one frame, answered in request order (`DataPlane.stream`)."""
+        frames = (convert.detect_frame(request) async for request in request_iterator)
+        async with aclosing(self.plane.stream(detection.TASK, frames, context.time_remaining)) as answers:
+            async for answer in answers:
+                yield convert.detect_response(answer)
 
     async def Segment(self, request, context):
         answer = await self.plane.run(
