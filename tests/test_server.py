@@ -78,15 +78,3 @@ def test_wrong_task_is_failed_precondition():
         asyncio.run(plane.resolve("m", "", ("classification",)))
     error = asyncio.run(_call(FailedPrecondition("wrong task")))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-
-
-def test_triton_queue_full_maps_to_resource_exhausted():
-    from tritonclient.utils import InferenceServerException
-
-    from service.gateway.triton import map_triton_error
-
-    error = map_triton_error(InferenceServerException(
-        "Exceeds maximum queue size", status="StatusCode.UNAVAILABLE"), "m")
-    assert error.code == "RESOURCE_EXHAUSTED"
-    assert map_triton_error(InferenceServerException("Request for unknown model: 'x' is not found",
-                                                     status="StatusCode.NOT_FOUND"), "x").code == "NOT_FOUND"
