@@ -1,4 +1,4 @@
-"""The transport's error mapping, with a fake behaviour behind the real interceptor."""
+"""The interceptor's error mapping, with a fake behaviour behind the real interceptor."""
 from __future__ import annotations
 
 import asyncio
