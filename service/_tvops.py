@@ -27,7 +27,7 @@ _UNSUPPORTED = ("qnms", "_roi_align_backward", "qroi_align", "roi_pool", "_roi_p
 
 
 def nms(dets: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
-    """``torchvision::nms`` on CPU: see `service.boxes.nms`, which computes it.
+    """``torchvision::nms`` on CPU: see `service.ops.boxes.nms`, which computes it.
 
     Args:
         dets (Tensor[N, 4]): float32 or float64 boxes in (x1, y1, x2, y2) format.

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import logs
+from .gateway import logs
 from .settings import load_settings
 
 log = logging.getLogger("convserve")
@@ -169,8 +169,8 @@ def _gateway_settings(args, **extra):
 async def _run_gateway(settings, on_stopped=None, beside=None) -> None:
     """Serve until SIGTERM/SIGINT, then drain. `beside`: a coroutine run as a task while
     the gateway serves and drains (`serve`'s Triton supervisor), cancelled after."""
-    from . import metrics
-    from .server import Gateway
+    from .gateway import metrics
+    from .gateway.server import Gateway
 
     metrics.start_exporter(settings.metrics_port)
     gateway = Gateway(settings)

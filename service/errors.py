@@ -1,5 +1,5 @@
 """Domain errors. The transport maps each one to a gRPC status code in one place
-(server.ErrorInterceptor); pipelines raise these and never touch gRPC.
+(gateway.interceptors); pipelines raise these and never touch gRPC.
 """
 from __future__ import annotations
 

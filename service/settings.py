@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None
-    # Bearer-token / API-key auth: a file with one token per line (see service/auth.py).
+    # Bearer-token / API-key auth: a file with one token per line (see service/gateway/auth.py).
     auth_tokens_file: Path | None = None
 
     # --- embedded Triton (`convserve triton` / `convserve serve`)

@@ -1,4 +1,5 @@
-"""The gateway imports no torch and no model code."""
+"""The gateway (every module of service.gateway, and the CLI) imports no torch and no
+model code."""
 from __future__ import annotations
 
 import subprocess
@@ -9,10 +10,14 @@ from helpers import free_port
 FORBIDDEN = ("torch", "torchvision", "onnxruntime", "service.zoo", "service.exporter", "service.tvshim")
 
 PROGRAM = f"""
-import asyncio, sys
-from service import cli
-from service.server import Gateway
+import asyncio, importlib, pkgutil, sys
+from service import cli, gateway as gateway_package
+from service.gateway.server import Gateway
 from service.settings import load_settings
+
+# Every module of the gateway package, present and future.
+for module in pkgutil.iter_modules(gateway_package.__path__):
+    importlib.import_module("service.gateway." + module.name)
 
 async def main():
     gateway = Gateway(load_settings(grpc_port=int(sys.argv[1]), metrics_port=0, triton_url="127.0.0.1:9"))

@@ -13,7 +13,7 @@ import pytest
 
 from bombs import BOMBS, jpeg_bomb, png_bomb, webp_bomb
 from memory import MIB, peak_rss_bytes, reset_peak, rss_bytes
-from service.dataplane import DataPlane
+from service.gateway.dataplane import DataPlane
 from service.errors import InvalidArgument
 from service.pipelines.common import ImageInput, decode_image
 from service.settings import load_settings

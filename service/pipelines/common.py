@@ -10,8 +10,9 @@ preprocessing in threads, grouping items of equal shape into Triton batches of a
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, ContextManager
 
 import numpy as np
 
@@ -78,6 +79,25 @@ class Task:
     def postprocess(self, outputs: Tensors, context: Context, spec: ModelSpec, options: Any) -> Any:
         """One image's result from its outputs (each with the item axis first)."""
         raise NotImplementedError
+
+
+# ------------------------------------------------------------------ stage timing
+# How a pipeline times a step inside its preprocess or postprocess (R-CNN's selective
+# search): ``with timed(model, stage):``. Pipelines import nothing from the gateway; the
+# data plane installs its metrics timer here (`set_stage_timer`), and without it (unit
+# tests, benchmarks) steps are not timed.
+_stage_timer: Callable[[str, str], ContextManager] = lambda model, stage: contextlib.nullcontext()
+
+
+def set_stage_timer(timer: Callable[[str, str], ContextManager]) -> None:
+    """Install the timer that `timed` uses: ``timer(model, stage)`` is a context manager."""
+    global _stage_timer
+    _stage_timer = timer
+
+
+def timed(model: str, stage: str) -> ContextManager:
+    """A context manager timing `stage` of `model` with the installed timer."""
+    return _stage_timer(model, stage)
 
 
 # ----------------------------------------------------------------- shared steps

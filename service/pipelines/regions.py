@@ -28,12 +28,11 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .. import metrics
 from ..errors import InvalidArgument
 from ..ops.imaging import Decoded
 from ..ops.proposals import selective_search
 from ..spec import ModelSpec
-from .common import Context, Tensors, model_inputs, resize_plan
+from .common import Context, Tensors, model_inputs, resize_plan, timed
 
 
 def image_proposals(decoded: Decoded, spec: ModelSpec) -> np.ndarray:
@@ -41,7 +40,7 @@ def image_proposals(decoded: Decoded, spec: ModelSpec) -> np.ndarray:
     as the `proposals` stage. An image where the search finds nothing gets the whole
     image as its one proposal."""
     s = spec.settings
-    with metrics.stage(spec.name, "proposals"):
+    with timed(spec.name, "proposals"):
         boxes = selective_search(np.asarray(decoded.image), s.proposals, s.proposal_side, s.proposal_min_size)
     if len(boxes) == 0:
         boxes = np.array([[0, 0, decoded.width, decoded.height]], np.float32)

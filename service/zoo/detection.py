@@ -24,7 +24,7 @@ score descending; the rest are zeros):
                                     candidate's own class, in its box
 
 The gateway then runs class-aware NMS and the top-``max_detections`` cut
-(`service.boxes.select_detections`), so request-time thresholds apply without a new
+(`service.ops.boxes.select_detections`), so request-time thresholds apply without a new
 export. Greedy NMS decides each box from higher-scored boxes only, so NMS over the top
 K equals full NMS restricted to them: the answer equals stock torchvision whenever
 count < K, or whenever ``max_detections`` boxes survive within the top K.

@@ -14,9 +14,9 @@ import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException
 
-from .errors import (Cancelled, ConvserveError, DeadlineExceeded, Internal, NotFound,
+from ..errors import (Cancelled, ConvserveError, DeadlineExceeded, Internal, NotFound,
                      ResourceExhausted, Unavailable)
-from .spec import ModelSpec, triton_datatype_name
+from ..spec import ModelSpec, triton_datatype_name
 
 log = logging.getLogger(__name__)
 
@@ -33,21 +33,49 @@ class ModelStatus:
     ready: bool
 
 
+# Triton tells these conditions apart only by message: each comes back with status
+# UNAVAILABLE (Triton's Status::Code::UNAVAILABLE, sent as gRPC UNAVAILABLE), like a
+# Triton that is down. In Triton core (triton-inference-server/core, as in 2.51):
+# - src/scheduler_utils.cc, PriorityQueue::PolicyQueue::Enqueue, a full queue:
+#   Status(Status::Code::UNAVAILABLE, request->LogRequest() + "Exceeds maximum queue size")
+# - src/dynamic_batch_scheduler.cc, the batcher thread, a request whose queue timeout
+#   expired: Status(Status::Code::UNAVAILABLE, "Request timeout expired")
+TRITON_QUEUE_FULL = "exceeds maximum queue size"
+TRITON_QUEUE_TIMEOUT = "request timeout expired"
+# - src/model_lifecycle.cc, ModelLifeCycle::GetModel, a version that exists but is not
+#   loaded: Status(Status::Code::UNAVAILABLE, "'<model>' version <n> is not at ready state")
+TRITON_VERSION_NOT_READY = "is not at ready state"
+
+
+def _status_code(exc: InferenceServerException) -> str | None:
+    """The gRPC status code's name that tritonclient carries, e.g. "RESOURCE_EXHAUSTED".
+
+    tritonclient.grpc turns a grpc.RpcError into InferenceServerException(status=
+    str(rpc_error.code())), i.e. "StatusCode.RESOURCE_EXHAUSTED". Errors it raises
+    itself before any call (bad arguments) carry no status: None."""
+    status = exc.status()
+    return status.rsplit(".", 1)[-1] if status else None
+
+
 def map_triton_error(exc: InferenceServerException, model: str) -> ConvserveError:
-    """Translate a tritonclient exception into a domain error with a clean message."""
-    status = (exc.status() or "").rsplit(".", 1)[-1]
-    message = exc.message() or ""
-    lowered = message.lower()
-    if "exceeds maximum queue size" in lowered or status == "RESOURCE_EXHAUSTED":
+    """Translate a tritonclient exception into a domain error with a clean message.
+
+    Keyed by the gRPC status code; the message is read only where Triton tells
+    conditions apart by message alone (UNAVAILABLE: queue full, queue timeout, a version
+    not ready, or Triton down)."""
+    code = _status_code(exc)
+    unavailable = code == "UNAVAILABLE"
+    message = (exc.message() or "").lower() if unavailable else ""
+    if code == "RESOURCE_EXHAUSTED" or TRITON_QUEUE_FULL in message:
         return ResourceExhausted(f"model {model!r} is overloaded: Triton's queue is full")
-    if status == "DEADLINE_EXCEEDED" or "timeout" in lowered or "deadline" in lowered:
+    if code == "DEADLINE_EXCEEDED" or TRITON_QUEUE_TIMEOUT in message:
         return DeadlineExceeded(f"deadline exceeded while model {model!r} was running")
-    if status == "CANCELLED":
+    if code == "CANCELLED":
         return Cancelled("the call was cancelled")
-    if status == "NOT_FOUND" or "unknown model" in lowered or "is not found" in lowered:
+    if code == "NOT_FOUND":
         return NotFound(f"unknown model {model!r}")
-    if status == "UNAVAILABLE":
-        if "is not ready" in lowered or "not ready" in lowered:
+    if unavailable:
+        if TRITON_VERSION_NOT_READY in message:
             return Unavailable(f"model {model!r} is not ready")
         return Unavailable("the inference server is unavailable")
     return Internal(f"inference failed for model {model!r}")

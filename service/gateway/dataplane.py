@@ -1,6 +1,6 @@
 """The data plane: runs a task pipeline for plain request data.
 
-It knows nothing of gRPC or protobuf (server.py translates), and nothing of torch.
+It knows nothing of gRPC or protobuf (convert.py translates), and nothing of torch.
 Per request: resolve the model's spec (cached, from Triton; its options parsed once)
 -> decode and preprocess in a thread pool (the task's preprocess returns the model's
 tensors, normalized and channel-ordered, plus a per-image context) -> the batching
@@ -10,6 +10,7 @@ is timed in metrics.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
@@ -17,11 +18,11 @@ from typing import Sequence
 import numpy as np
 
 from . import metrics
-from .errors import FailedPrecondition, InvalidArgument, Unavailable
-from .pipelines import layouts
-from .pipelines.common import Context, ImageInput, Task, Tensors, decode_image
-from .settings import Settings
-from .spec import ModelSpec
+from ..errors import FailedPrecondition, InvalidArgument, Unavailable
+from ..pipelines import layouts
+from ..pipelines.common import Context, ImageInput, Task, Tensors, decode_image, set_stage_timer
+from ..settings import Settings
+from ..spec import ModelSpec
 from .triton import ModelStatus, TritonModels
 
 
@@ -32,6 +33,10 @@ class Answer:
     model: str
     version: str
     results: list
+
+
+# Pipelines time their inner steps (R-CNN's selective search) through this hook.
+set_stage_timer(metrics.stage)
 
 
 class DataPlane:
@@ -157,6 +162,84 @@ class DataPlane:
             out.append((status, spec))
         return out
 
+    # --- streams
+    # Frames in flight per stream, the one being answered included: bounds a stream's
+    # memory and its share of the gateway.
+    STREAM_WINDOW = 4
+
+    async def stream(
+        self, task: Task, frames: AsyncIterator[Frame], time_remaining: Callable[[], float | None],
+    ) -> AsyncIterator[Answer]:
+        """Run a stream's frames and yield their answers in frame order.
+
+        Frames are pipelined: a reader task starts each frame as it arrives, so later
+        frames decode and infer while earlier ones are answered; at most
+        `STREAM_WINDOW` frames are in flight (a full window stops reading, so memory
+        stays bounded). An error ends the stream at its frame, after the answers of the
+        frames before it; InvalidArgument names the frame: ``frames[7].images[0].encoded``
+        is image 0 of the stream's eighth frame (counting from 0). An error raised by
+        `frames` itself (e.g. a token not allowed for a frame's model) ends the stream
+        at that point. When the consumer stops (the call is cancelled), the reader and
+        every frame still running are cancelled. `time_remaining()` is each frame's
+        deadline, read as the frame starts."""
+        started: asyncio.Queue = asyncio.Queue()
+        slots = asyncio.Semaphore(self.STREAM_WINDOW)
+
+        async def run_frame(frame: Frame, index: int) -> Answer:
+            try:
+                return await self.run(task, frame.model, frame.version, frame.images, frame.options,
+                                      time_remaining())
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"frames[{index}].{exc.field}", exc.description) from None
+
+        async def read() -> None:
+            index = 0
+            try:
+                async for frame in frames:
+                    await slots.acquire()
+                    started.put_nowait(asyncio.ensure_future(run_frame(frame, index)))
+                    index += 1
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the stream's source failed: answered in its turn
+                failed = asyncio.get_running_loop().create_future()
+                failed.set_exception(exc)
+                started.put_nowait(failed)
+                return
+            started.put_nowait(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (running := await started.get()) is not None:
+                try:
+                    yield await running
+                finally:
+                    slots.release()
+        finally:
+            reader.cancel()
+            while not started.empty():
+                _discard(started.get_nowait())
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One request of a stream, as plain data: what `DataPlane.run` takes."""
+
+    model: str
+    version: str
+    images: Sequence[ImageInput]
+    options: dict
+
+
+def _discard(running: asyncio.Future | None) -> None:
+    """Cancel a frame nobody will answer; a finished one's error is marked as seen."""
+    if running is None:
+        return
+    if running.done():
+        if not running.cancelled():
+            running.exception()
+    else:
+        running.cancel()
 
 # ------------------------------------------------------------------- batching plan
 @dataclass(frozen=True)

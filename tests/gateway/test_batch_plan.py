@@ -9,7 +9,7 @@ import itertools
 import numpy as np
 import pytest
 
-from service.dataplane import DataPlane, batch_plan
+from service.gateway.dataplane import DataPlane, batch_plan
 from service.settings import Settings
 from service.spec import ModelSpec, TensorSpec
 

@@ -8,7 +8,8 @@ import grpc
 
 from helpers import free_port
 from service._proto import vision_pb2, vision_pb2_grpc
-from service.server import Gateway
+from service.gateway.dataplane import DataPlane
+from service.gateway.server import Gateway
 from service.settings import load_settings
 
 
@@ -49,16 +50,17 @@ def test_scoped_token_is_checked_for_every_streamed_model(tmp_path):
     assert anonymous[0] == "UNAUTHENTICATED"
 
 
-class _SlowFirstPlane:
+class _SlowFirstPlane(DataPlane):
     """A data plane whose answers take longer for earlier frames, so that pipelined
-    frames finish out of order; frame images named "bad" fail with InvalidArgument."""
+    frames finish out of order; frame images named "bad" fail with InvalidArgument.
+    Only `run` is replaced: the real `DataPlane.stream` pipelines the frames."""
 
     def __init__(self):
         self.running = 0
         self.most_running = 0
 
     async def run(self, task, model, version, images, request, timeout_s):
-        from service.dataplane import Answer
+        from service.gateway.dataplane import Answer
         from service.errors import InvalidArgument
 
         index = int(model)
@@ -74,11 +76,12 @@ class _SlowFirstPlane:
 
 
 async def _serve_plane(plane, body):
-    from service import server as server_module
+    from service.gateway.interceptors import ErrorInterceptor
+    from service.gateway.servicer import VisionServicer
 
     port = free_port()
-    server = grpc.aio.server(interceptors=[server_module.ErrorInterceptor(_Known(), 8)])
-    vision_pb2_grpc.add_VisionServicer_to_server(server_module.VisionServicer(plane), server)
+    server = grpc.aio.server(interceptors=[ErrorInterceptor(_Known(), 8)])
+    vision_pb2_grpc.add_VisionServicer_to_server(VisionServicer(plane), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     try:
@@ -105,9 +108,7 @@ def test_pipelined_frames_answer_in_request_order():
 
     assert asyncio.run(_serve_plane(plane, all_at_once)) == [str(i) for i in range(10)]
     # Frames overlapped, within the window.
-    from service.server import STREAM_WINDOW
-
-    assert 1 < plane.most_running <= STREAM_WINDOW
+    assert 1 < plane.most_running <= DataPlane.STREAM_WINDOW
 
 
 def test_lockstep_client_does_not_deadlock():
@@ -139,7 +140,7 @@ def test_bad_frame_ends_the_stream_after_the_earlier_answers():
     assert details.startswith("frames[2].images[0].encoded")
 
 
-class _StuckPlane:
+class _StuckPlane(DataPlane):
     """Frame 0 answers at once; the others would take a minute unless cancelled."""
 
     def __init__(self):
@@ -147,7 +148,7 @@ class _StuckPlane:
         self.cancelled = 0
 
     async def run(self, task, model, version, images, request, timeout_s):
-        from service.dataplane import Answer
+        from service.gateway.dataplane import Answer
 
         if model == "0":
             return Answer(model, "0", [])

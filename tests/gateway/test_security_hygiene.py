@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 
 from helpers import encode, free_port, photo
-from service import server as server_module
+from service.gateway.interceptors import ErrorInterceptor
+from service.gateway.servicer import VisionServicer
 from service._proto import vision_pb2, vision_pb2_grpc
-from service.dataplane import DataPlane
-from service.logs import JsonFormatter
-from service.server import Gateway
+from service.gateway.dataplane import DataPlane
+from service.gateway.logs import JsonFormatter
+from service.gateway.server import Gateway
 from service.settings import load_settings
 from test_spec import sample_spec
 
@@ -52,8 +53,8 @@ async def _classify_against(triton) -> grpc.aio.AioRpcError:
     port = free_port()
     plane = DataPlane(load_settings(), triton)
     plane.triton_ready = True
-    server = grpc.aio.server(interceptors=[server_module.ErrorInterceptor(triton, 8)])
-    vision_pb2_grpc.add_VisionServicer_to_server(server_module.VisionServicer(plane), server)
+    server = grpc.aio.server(interceptors=[ErrorInterceptor(triton, 8)])
+    vision_pb2_grpc.add_VisionServicer_to_server(VisionServicer(plane), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     image = vision_pb2.Image(encoded=encode(photo("chelsea.png", max_side=64), "PNG"))

@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from helpers import free_port
 from service._proto import vision_pb2, vision_pb2_grpc
-from service.server import Gateway
+from service.gateway.server import Gateway
 from service.settings import load_settings
 
 

@@ -1,4 +1,4 @@
-"""The transport's error mapping, with a fake behaviour behind the real interceptor."""
+"""The interceptor's error mapping, with a fake behaviour behind the real interceptor."""
 from __future__ import annotations
 
 import asyncio
@@ -9,9 +9,9 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from helpers import free_port
-from service import server as server_module
+from service.gateway.interceptors import ErrorInterceptor
 from service._proto import vision_pb2, vision_pb2_grpc
-from service.dataplane import DataPlane
+from service.gateway.dataplane import DataPlane
 from service.errors import FailedPrecondition, InvalidArgument
 from service.settings import load_settings
 from test_spec import sample_spec
@@ -27,7 +27,7 @@ class FakeServicer(vision_pb2_grpc.VisionServicer):
 
 async def _call(error):
     port = free_port()
-    server = grpc.aio.server(interceptors=[server_module.ErrorInterceptor(_NoTriton(), 8)])
+    server = grpc.aio.server(interceptors=[ErrorInterceptor(_NoTriton(), 8)])
     vision_pb2_grpc.add_VisionServicer_to_server(FakeServicer(error), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
@@ -78,15 +78,3 @@ def test_wrong_task_is_failed_precondition():
         asyncio.run(plane.resolve("m", "", ("classification",)))
     error = asyncio.run(_call(FailedPrecondition("wrong task")))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-
-
-def test_triton_queue_full_maps_to_resource_exhausted():
-    from tritonclient.utils import InferenceServerException
-
-    from service.triton import map_triton_error
-
-    error = map_triton_error(InferenceServerException(
-        "Exceeds maximum queue size", status="StatusCode.UNAVAILABLE"), "m")
-    assert error.code == "RESOURCE_EXHAUSTED"
-    assert map_triton_error(InferenceServerException("Request for unknown model: 'x' is not found",
-                                                     status="StatusCode.NOT_FOUND"), "x").code == "NOT_FOUND"

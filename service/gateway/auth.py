@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConvserveError
+from ..errors import ConvserveError
 
 
 class Unauthenticated(ConvserveError):

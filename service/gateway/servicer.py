@@ -1,0 +1,64 @@
+"""The Vision servicer: one short method per RPC.
+
+Each method only translates: proto -> plain data (convert) -> data plane -> proto. No
+method catches anything; the interceptor maps every domain error to its status code.
+"""
+from __future__ import annotations
+
+from contextlib import aclosing
+
+from .._proto import vision_pb2_grpc
+from ..errors import InvalidArgument, NotFound
+from ..pipelines import classification, detection, generation, segmentation
+from . import convert
+from .dataplane import DataPlane
+
+
+class VisionServicer(vision_pb2_grpc.VisionServicer):
+    """Translates between messages and the data plane; no logic of its own."""
+
+    def __init__(self, plane: DataPlane):
+        self.plane = plane
+
+    async def Classify(self, request, context):
+        answer = await self.plane.run(
+            classification.TASK, request.model, request.model_version, convert.images_from_proto(request.images),
+            convert.classify_options(request), context.time_remaining())
+        return convert.classify_response(answer)
+
+    async def Detect(self, request, context):
+        answer = await self.plane.run(
+            detection.TASK, request.model, request.model_version, convert.images_from_proto(request.images),
+            convert.detect_options(request), context.time_remaining())
+        return convert.detect_response(answer)
+
+    async def DetectStream(self, request_iterator, context):
+        """Each request is one frame, answered in request order (`DataPlane.stream`)."""
+        frames = (convert.detect_frame(request) async for request in request_iterator)
+        async with aclosing(self.plane.stream(detection.TASK, frames, context.time_remaining)) as answers:
+            async for answer in answers:
+                yield convert.detect_response(answer)
+
+    async def Segment(self, request, context):
+        answer = await self.plane.run(
+            segmentation.TASK, request.model, request.model_version, convert.images_from_proto(request.images),
+            convert.segment_options(request), context.time_remaining())
+        return convert.segment_response(answer)
+
+    async def Generate(self, request, context):
+        answer = await self.plane.run(
+            generation.TASK, request.model, request.model_version, convert.images_from_proto(request.images),
+            convert.generate_options(request), context.time_remaining())
+        generation.check_answer_size(answer.results, self.plane.settings.max_receive_message_bytes)
+        return convert.generate_response(answer)
+
+    async def ListModels(self, request, context):
+        return convert.list_models_response(await self.plane.list_models())
+
+    async def GetModel(self, request, context):
+        if not request.name:
+            raise InvalidArgument("name", "a model name is required")
+        for status, spec in await self.plane.list_models():
+            if status.name == request.name:
+                return convert.model_info(status, spec)
+        raise NotFound(f"unknown model {request.name!r}")
