@@ -233,6 +233,7 @@ JPEG_VARIANTS = {
     "restart_grey_444": {"quality": 90, "mode": "L", "restart_marker_blocks": 3},
     "grey": {"quality": 90, "mode": "L"},
     "grey_progressive": {"quality": 90, "mode": "L", "progressive": True},
+    "cmyk": {"quality": 90, "mode": "CMYK"},
 }
 
 
