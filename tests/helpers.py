@@ -71,3 +71,52 @@ def bad_request_field(error) -> str:
         if detail.Unpack(bad):
             return bad.field_violations[0].field
     return ""
+
+
+# TIFF field types used to build EXIF blocks by hand (TIFF 6.0, section 2).
+TIFF_BYTE, TIFF_ASCII, TIFF_SHORT, TIFF_LONG, TIFF_RATIONAL = 1, 2, 3, 4, 5
+
+
+def exif_block(entries, byte_order: str = "<") -> bytes:
+    """An APP1 EXIF payload: "Exif\\0\\0", a TIFF header and IFD0 holding `entries`, each
+    (tag, type, count, value bytes) written as given, right or wrong. Values over 4
+    bytes go after the IFD, with their offset in the entry."""
+    import struct
+
+    header = (b"II" if byte_order == "<" else b"MM") + struct.pack(byte_order + "HI", 42, 8)
+    data_offset = 8 + 2 + 12 * len(entries) + 4
+    table, extra = b"", b""
+    for tag, kind, count, value in entries:
+        if len(value) <= 4:
+            table += struct.pack(byte_order + "HHI", tag, kind, count) + value.ljust(4, b"\0")
+        else:
+            table += struct.pack(byte_order + "HHII", tag, kind, count, data_offset + len(extra))
+            extra += value
+    return b"Exif\0\0" + header + struct.pack(byte_order + "H", len(entries)) + table + b"\0\0\0\0" + extra
+
+
+def with_app1(jpeg: bytes, payload: bytes) -> bytes:
+    """`jpeg` with an APP1 segment holding `payload` right after its start marker."""
+    import struct
+
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
+
+
+def png16(samples: np.ndarray) -> bytes:
+    """A 16-bit PNG written by hand (zlib, no Pillow encoder): uint16 [H, W] is grey,
+    [H, W, 2] grey+alpha, [H, W, 3] RGB (48-bit), [H, W, 4] RGBA (64-bit)."""
+    import struct
+    import zlib
+
+    samples = np.asarray(samples, dtype=np.uint16)
+    channels = 1 if samples.ndim == 2 else samples.shape[2]
+    color_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+    height, width = samples.shape[:2]
+    rows = samples.reshape(height, width * channels).astype(">u2")
+    raw = b"".join(b"\0" + row.tobytes() for row in rows)  # filter type 0 on every row
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")

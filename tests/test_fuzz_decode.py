@@ -10,6 +10,7 @@ CI runs a bounded, derandomized set (CONVSERVE_FUZZ_EXAMPLES, default 250 per te
 """
 from __future__ import annotations
 
+import io
 import os
 import re
 import struct
@@ -19,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import encode, photo
+from helpers import encode, exif_block, photo, png16, with_app1
 from service.errors import InvalidArgument
 from service.ops.resize import to_chw
 from service.pipelines.common import ImageInput, decode_image
@@ -50,6 +51,7 @@ def _seeds() -> dict[str, bytes]:
         "webp_lossless": encode(image, "WEBP", lossless=True),
         "bmp": encode(image, "BMP"),
         "bmp_palette": encode(image.convert("P"), "BMP"),
+        "png_16bit_rgb": png16(np.asarray(image, dtype=np.uint16) * 257),
     }
 
 
@@ -141,6 +143,65 @@ def test_truncation_never_gives_a_partial_image(name):
             continue
         np.testing.assert_array_equal(to_chw(decoded.image), whole, err_msg=f"cut at {cut} of {len(data)}")
     assert refused >= len(data) - 64  # only a short tail may go without changing pixels
+
+
+@pytest.mark.parametrize("name", ["jpeg", "jpeg_progressive", "jpeg_exif"])
+def test_truncation_with_the_end_marker_put_back_never_gives_a_partial_image(name):
+    """The same, with FFD9 appended at every cut: libjpeg would pad the missing scan
+    data with grey without an error."""
+    data = SEEDS[name]
+    whole = to_chw(decode_image(ImageInput(encoded=data), 0, MAX_PIXELS).image)
+    for cut in range(len(data)):
+        try:
+            decoded = decode_image(ImageInput(encoded=data[:cut] + b"\xff\xd9"), 0, MAX_PIXELS)
+        except InvalidArgument:
+            continue
+        np.testing.assert_array_equal(to_chw(decoded.image), whole, err_msg=f"cut at {cut} of {len(data)}")
+
+
+# EXIF tags that Pillow or a viewer reads (Orientation, resolutions, unit, Software,
+# DateTime, the Exif and GPS IFD pointers), and any tag.
+EXIF_TAGS = [0x0112, 0x011A, 0x011B, 0x0128, 0x0131, 0x0132, 0x8769, 0x8825, 0x0201, 0x0202]
+EXIF_JPEG = encode(photo("chelsea.png", max_side=48), "JPEG", quality=85)
+
+
+@st.composite
+def exif_entries(draw) -> bytes:
+    """An EXIF block of random IFD entries: tag, type (valid 1..12 and not), count and
+    value/offset field, each drawn among values that break parsers and at random."""
+    entries = []
+    for _ in range(draw(st.integers(0, 6))):
+        tag = draw(st.sampled_from(EXIF_TAGS) | st.integers(0, 0xFFFF))
+        kind = draw(st.integers(0, 14))
+        count = draw(st.sampled_from(INTERESTING) | st.integers(0, 16))
+        value = draw(st.binary(min_size=0, max_size=4) | st.binary(min_size=5, max_size=24)
+                     | st.sampled_from([v.to_bytes(4, "little") for v in INTERESTING]))
+        entries.append((tag, kind, count, value))
+    block = bytearray(exif_block(entries, draw(st.sampled_from(["<", ">"]))))
+    for _ in range(draw(st.integers(0, 2))):  # and a few bytes of the block itself
+        pos = draw(st.integers(6, len(block) - 1))
+        block[pos] = draw(st.integers(0, 255))
+    return bytes(block)
+
+
+@FUZZ
+@given(exif_entries(), st.sampled_from(["jpeg", "png", "webp"]))
+def test_random_exif_blocks(exif, container):
+    """Whatever the EXIF says, the image decodes (turned or as stored): the pixel data
+    is intact, and EXIF is metadata that never fails a request."""
+    if container == "jpeg":
+        data = with_app1(EXIF_JPEG, exif)
+    else:
+        from PIL import Image
+
+        # Pillow writes the block as PNG's eXIf chunk / WebP's EXIF chunk.
+        image = photo("chelsea.png", max_side=48)
+        data = encode(image, container.upper(), exif=exif[6:]) if container == "png" else \
+            encode(image, "WEBP", lossless=True, exif=exif)
+        assert Image.open(io.BytesIO(data)).info.get("exif")
+    decoded = decode_image(ImageInput(encoded=data), 5, MAX_PIXELS)
+    assert sorted(decoded.image.size) == sorted(photo("chelsea.png", max_side=48).size)
+    check_decode(data)
 
 
 def test_load_truncated_images_switched_on_is_refused(monkeypatch):

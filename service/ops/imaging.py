@@ -1,7 +1,8 @@
-"""Pure image ops: decoding, normalization, scores. No gRPC, no Triton, no torch.
+"""Pure image ops: decoding to upright 8-bit RGB, normalization, scores. No gRPC, no
+Triton, no torch.
 
-Images are handled as Pillow RGB images until the resize (`ops.resize`), which yields
-a uint8 array in CHW layout.
+Images are handled as Pillow RGB images (8 bits per channel) until the resize
+(`ops.resize`), which yields a uint8 array in CHW layout.
 """
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageChops, ImageFile
 
 from ..errors import Internal, InvalidArgument
+from ._jpeg import EOI, JpegStructureError, jpeg_body
 
 # Only these decoders are ever used: a smaller attack surface than Pillow's full set.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
@@ -24,6 +26,43 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 # The largest `max_image_pixels` setting that means anything: Pillow refuses more.
 PILLOW_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
+# Only the Orientation tag is read from EXIF; Pillow's complaints about the other tags
+# (wrong types, bad counts) would print once per bad file, in the client's words.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
+
+# Pillow formats decoded by libjpeg (MPO: a JPEG followed by more JPEGs; its first is used).
+JPEG_FORMATS = ("JPEG", "MPO")
+# Bytes put between a JPEG's last scan and its end marker to test that scan: a whole
+# scan never reads them (libjpeg skips bytes before a marker), a cut one decodes them
+# as image data. Fixed and varied; "% 255" keeps out 0xFF (a marker), and the first
+# byte 0x9B starts with a 1 bit where libjpeg's own padding of a cut scan has zeros.
+JPEG_SCAN_PROBE = bytes((0x9B + 151 * i) % 255 for i in range(64))
+# The probe and the real decode are compared this many rows at a time, so the
+# comparison never holds a third full-size image.
+COMPARE_ROWS = 256
+
+# 16-bit samples become 8-bit by keeping their high byte, v >> 8 == floor(v / 256): the
+# rule Pillow itself applies to 48/64-bit RGB(A) and 16-bit grey+alpha PNGs, so every
+# PNG colour type maps alike, and k * 257 (8-bit k written as 16 bits) maps back to k.
+SIXTEEN_BIT_SHIFT = 8
+SIXTEEN_BIT_MAX = 0xFFFF
+SIXTEEN_BIT_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# Pillow's 32-bit modes: "I" holds 16-bit PNG samples in older Pillows; "F" is float.
+INT32_MODE = "I"
+FLOAT_MODE = "F"
+
+# EXIF Orientation (tag 0x0112, EXIF 2.32 section 4.6.4): where the stored rows and
+# columns belong. Each value maps to the transpose that shows the image upright.
+ORIENTATION_TAG = 0x0112
+UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,   # row 0 at top, column 0 at right
+    3: Image.Transpose.ROTATE_180,        # row 0 at bottom, column 0 at right
+    4: Image.Transpose.FLIP_TOP_BOTTOM,   # row 0 at bottom, column 0 at left
+    5: Image.Transpose.TRANSPOSE,         # row 0 at left, column 0 at top
+    6: Image.Transpose.ROTATE_270,        # row 0 at right, column 0 at top (turn 90 clockwise)
+    7: Image.Transpose.TRANSVERSE,        # row 0 at right, column 0 at bottom
+    8: Image.Transpose.ROTATE_90,         # row 0 at left, column 0 at bottom (turn 90 counter-clockwise)
+}
 
 
 @dataclass(frozen=True)
@@ -42,14 +81,21 @@ class Decoded:
 
 
 def decode_encoded(data: bytes, field: str, max_pixels: int) -> Decoded:
-    """Decode JPEG/PNG/WebP/BMP bytes to an upright RGB image.
+    """Decode JPEG/PNG/WebP/BMP bytes to an upright 8-bit RGB image.
 
-    The pixel count is checked from the header, before any pixel is decoded. EXIF
-    orientation is applied; alpha is dropped and grayscale/palette become RGB (as
-    `Image.convert("RGB")` does in torchvision's loaders). Truncated or corrupt files
-    raise InvalidArgument: a partly decoded image is never returned.
+    The pixel count is checked from the header, before any pixel is decoded. Then:
 
-    The encoded size is bounded before this is called (DataPlane.check_images).
+    - Samples become 8 bits (`to_rgb8`): 16-bit ones keep their high byte, never clip.
+    - EXIF orientation (`exif_orientation`): a readable Orientation tag (an integer
+      1..8) is applied; an unreadable one leaves the image as stored, and nothing else
+      in EXIF can fail the decode. `Decoded.width`/`height` are the size after it.
+    - JPEG (`_load_jpeg`): a file that lacks only its end marker is decoded; one whose
+      scans stop early, with or without an end marker, is refused.
+    - Alpha is dropped and grayscale/palette become RGB (as `Image.convert("RGB")` does
+      in torchvision's loaders).
+
+    Truncated or corrupt files raise InvalidArgument: a partly decoded image is never
+    returned. The encoded size is bounded before this is called (DataPlane.check_images).
     """
     if not data:
         raise InvalidArgument(field, "empty image")
@@ -65,10 +111,14 @@ def decode_encoded(data: bytes, field: str, max_pixels: int) -> Decoded:
         if width * height > max_pixels:
             raise InvalidArgument(
                 field, f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
-        image.load()
-        image = ImageOps.exif_transpose(image)
-        if image.mode != "RGB":
-            image = image.convert("RGB")
+        if image.format in JPEG_FORMATS:
+            image = _load_jpeg(data, field)
+        else:
+            image.load()
+        orientation = exif_orientation(image)
+        image = to_rgb8(image)
+        if orientation in UPRIGHT:
+            image = image.transpose(UPRIGHT[orientation])
     except InvalidArgument:
         raise
     except Image.UnidentifiedImageError:
@@ -79,6 +129,92 @@ def decode_encoded(data: bytes, field: str, max_pixels: int) -> Decoded:
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InvalidArgument(field, f"corrupt or truncated image: {exc}") from None
     return Decoded(image)
+
+
+def _load_jpeg(data: bytes, field: str) -> Image.Image:
+    """Decode a JPEG whose scans are all there; its end marker may be missing.
+
+    libjpeg pads a scan that stops early with grey and carries on, so a cut file with
+    an end marker put back decodes "fine". Two checks refuse it: the marker structure
+    (`_jpeg.jpeg_body`: the data ends inside or after a scan, and the scans cover the
+    whole image), and a probe decode with `JPEG_SCAN_PROBE` between the last scan and
+    the end marker, which gives the same pixels only when the scan never needed them.
+    The image returned is the decode of the file up to its end marker, which Pillow's
+    decode of the whole file equals when the marker is there.
+    """
+    try:
+        body = jpeg_body(data)
+    except JpegStructureError as exc:
+        raise InvalidArgument(field, f"corrupt or truncated image: {exc}") from None
+    scans = data[:body.end]
+    image = _open_jpeg(scans + EOI)
+    if not _same_pixels(image, _open_jpeg(scans + JPEG_SCAN_PROBE + EOI)):
+        what = "its last scan stops early" if body.has_eoi else "it stops inside its image data"
+        raise InvalidArgument(field, f"corrupt or truncated image: JPEG is cut short ({what})")
+    return image
+
+
+def _open_jpeg(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data), formats=("JPEG",))
+    image.load()
+    return image
+
+
+def _same_pixels(a: Image.Image, b: Image.Image) -> bool:
+    """Exact equality of two decoded JPEGs (L, RGB or CMYK), a strip of rows at a time."""
+    if a.mode != b.mode or a.size != b.size:
+        return False
+    for top in range(0, a.height, COMPARE_ROWS):
+        box = (0, top, a.width, min(a.height, top + COMPARE_ROWS))
+        if ImageChops.difference(a.crop(box), b.crop(box)).getbbox(alpha_only=False) is not None:
+            return False
+    return True
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The image's EXIF Orientation (1..8), or 1 when it has none or it is unreadable.
+
+    Only tag 0x0112 is read. Any failure to parse the EXIF block, and any value that is
+    not an integer 1..8 (wrong type such as ASCII or RATIONAL, several values, 0, 9),
+    means "as stored": EXIF is metadata, and no part of it fails a request.
+    """
+    try:
+        value = image.getexif().get(ORIENTATION_TAG)
+    except Exception:  # noqa: BLE001 - Pillow's EXIF parser raises many types on bad input
+        return 1
+    if type(value) is not int or not 1 <= value <= 8:
+        return 1
+    return value
+
+
+def to_rgb8(image: Image.Image) -> Image.Image:
+    """An RGB image with 8 bits per channel; grey samples are copied to R, G and B.
+
+    - 16-bit grey (I;16, I;16L, I;16B, I;16N): ``v >> 8``, i.e. ``floor(v / 256)``,
+      the rule Pillow applies when it decodes 48/64-bit RGB(A) and 16-bit grey+alpha
+      PNGs (to RGB/RGBA); ``k * 257`` maps to ``k`` exactly.
+    - "I" (32-bit integer; what a 16-bit PNG decodes to in older Pillows): taken as
+      16-bit samples, clipped to 0..65535, then as above.
+    - "F" (32-bit float; none of the allowed decoders gives it): taken as the usual
+      float image range 0.0..1.0, ``floor(clip(v, 0, 1) * 255 + 0.5)``; NaN is 0. A
+      range guessed from the values (e.g. 0..1 when max <= 1) would make one pixel's
+      brightness depend on the others', so none is guessed.
+    - Anything else goes through `Image.convert("RGB")` (alpha dropped, palette looked up).
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in SIXTEEN_BIT_GRAY_MODES or mode == INT32_MODE:
+        samples = np.asarray(image)
+        if mode == INT32_MODE:
+            samples = np.clip(samples, 0, SIXTEEN_BIT_MAX)
+        gray = (samples >> SIXTEEN_BIT_SHIFT).astype(np.uint8)
+    elif mode == FLOAT_MODE:
+        samples = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)
+        gray = np.floor(np.clip(samples, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    else:
+        return image.convert("RGB")
+    return Image.fromarray(np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2)))
 
 
 def decode_raw(data: bytes, height: int, width: int, field: str, max_pixels: int) -> Decoded:

@@ -1,15 +1,18 @@
 """Hostile images through the real gateway: mutated files, decompression bombs and an
 oversized image all get INVALID_ARGUMENT naming the image, the gateway's memory stays
-bounded, and it keeps serving."""
+bounded, and it keeps serving. Odd but whole images (16-bit PNG, broken EXIF, a JPEG
+without its end marker) are served."""
 from __future__ import annotations
 
 import random
 
 import grpc
+import numpy as np
 import pytest
+from PIL import Image
 
 from bombs import BOMBS
-from helpers import encode, photo
+from helpers import TIFF_ASCII, TIFF_SHORT, encode, exif_block, photo, png16, with_app1
 from memory import MIB, peak_rss_bytes, reset_peak, rss_bytes
 from service._proto import vision_pb2
 
@@ -92,3 +95,35 @@ def test_raw_image_with_the_wrong_data_size(vision, delta):
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert info.value.details() == (
         f"images[1].raw: data has {60 + delta} bytes, expected height*width*3 = 4*5*3 = 60")
+
+
+def test_16_bit_png_classifies_like_its_8_bit_twin(vision):
+    k = np.asarray(photo("coffee.png"), dtype=np.uint8)
+    twin = _classify(vision, encode(Image.fromarray(k), "PNG"))
+    wide = _classify(vision, png16(k.astype(np.uint16) * 257))
+    assert wide.results[0] == twin.results[0]
+    grey = np.asarray(photo("coffee.png").convert("L"), dtype=np.uint8)
+    assert _classify(vision, png16(grey.astype(np.uint16) * 257)).results[0] == \
+        _classify(vision, encode(Image.fromarray(grey), "PNG")).results[0]
+
+
+def test_malformed_exif_with_orientation_6_is_applied(vision):
+    """Orientation 6 readable, XResolution stored as text: OK, and the answer's image
+    size is the upright one (stored width and height swapped)."""
+    stored = photo("rocket.jpg")
+    exif = exif_block([(0x0112, TIFF_SHORT, 1, (6).to_bytes(2, "little")), (0x011A, TIFF_ASCII, 8, b"seventy\0")])
+    data = with_app1(encode(stored, "JPEG", quality=90), exif)
+    answer = vision.Detect(vision_pb2.DetectRequest(model="yolo", images=[vision_pb2.Image(encoded=data)]), timeout=120)
+    assert (answer.results[0].image_width, answer.results[0].image_height) == (stored.height, stored.width)
+
+
+def test_jpeg_without_its_end_marker_is_served_and_a_cut_one_refused(vision):
+    data = encode(photo("coffee.png"), "JPEG", quality=90)
+    assert _classify(vision, data[:-2]).results[0] == _classify(vision, data).results[0]
+    scan = data.index(b"\xff\xda")
+    for cut in (data[:scan + (len(data) - scan) // 2], data[:scan + (len(data) - scan) // 2] + b"\xff\xd9"):
+        with pytest.raises(grpc.RpcError) as info:
+            _classify(vision, cut, 1)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details().startswith("images[1].encoded: corrupt or truncated image: "), \
+            info.value.details()
