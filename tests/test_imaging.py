@@ -343,3 +343,12 @@ def test_top_k_ties_keep_index_order():
     idx, _ = imaging.top_k(np.array([0.1, 0.5, 0.5, 0.2, 0.5], dtype=np.float32), 3)
     assert idx.tolist() == [1, 2, 4]
     assert imaging.top_k(np.array([1.0, 2.0], dtype=np.float32), 10)[0].tolist() == [1, 0]
+
+
+def test_complete_jpeg_with_extraneous_bytes_before_a_marker_is_accepted():
+    """libjpeg warns "N extraneous bytes before marker 0xd9" for bytes between the last
+    scan and the end marker, as some camera files have; the image is whole."""
+    data = _jpeg("baseline")
+    padded = data[:-2] + b"\x12\x34\x56" + data[-2:]
+    decoded = imaging.decode_encoded(padded, "f", MAX_PIXELS)
+    np.testing.assert_array_equal(as_array(decoded.image), _pillow(data))

@@ -11,7 +11,8 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageChops, ImageFile
+import simplejpeg
+from PIL import Image, ImageFile
 
 from ..errors import Internal, InvalidArgument
 from ._jpeg import EOI, JpegStructureError, jpeg_body
@@ -32,14 +33,9 @@ warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImageP
 
 # Pillow formats decoded by libjpeg (MPO: a JPEG followed by more JPEGs; its first is used).
 JPEG_FORMATS = ("JPEG", "MPO")
-# Bytes put between a JPEG's last scan and its end marker to test that scan: a whole
-# scan never reads them (libjpeg skips bytes before a marker), a cut one decodes them
-# as image data. Fixed and varied; "% 255" keeps out 0xFF (a marker), and the first
-# byte 0x9B starts with a 1 bit where libjpeg's own padding of a cut scan has zeros.
-JPEG_SCAN_PROBE = bytes((0x9B + 151 * i) % 255 for i in range(64))
-# The probe and the real decode are compared this many rows at a time, so the
-# comparison never holds a third full-size image.
-COMPARE_ROWS = 256
+# libjpeg warnings that complete files from real cameras and encoders carry: the only
+# ones strict decoding lets through (libjpeg-turbo's jerror.h wording).
+JPEG_BENIGN_WARNINGS = ("extraneous bytes before marker",)
 
 # 16-bit samples become 8-bit by keeping their high byte, v >> 8 == floor(v / 256): the
 # rule Pillow itself applies to 48/64-bit RGB(A) and 16-bit grey+alpha PNGs, so every
@@ -134,41 +130,48 @@ def decode_encoded(data: bytes, field: str, max_pixels: int) -> Decoded:
 def _load_jpeg(data: bytes, field: str) -> Image.Image:
     """Decode a JPEG whose scans are all there; its end marker may be missing.
 
-    libjpeg pads a scan that stops early with grey and carries on, so a cut file with
-    an end marker put back decodes "fine". Two checks refuse it: the marker structure
-    (`_jpeg.jpeg_body`: the data ends inside or after a scan, and the scans cover the
-    whole image), and a probe decode with `JPEG_SCAN_PROBE` between the last scan and
-    the end marker, which gives the same pixels only when the scan never needed them.
-    The image returned is the decode of the file up to its end marker, which Pillow's
-    decode of the whole file equals when the marker is there.
+    libjpeg pads a scan that stops early with grey and carries on with a warning that
+    Pillow drops, so a cut file with an end marker put back decodes "fine". Two checks
+    refuse it: the marker structure (`_jpeg.jpeg_body`: the data ends inside or after a
+    scan, and the scans cover the whole image, every coefficient of a progressive one),
+    and libjpeg's own verdict on the scans: simplejpeg (libjpeg-turbo) in strict mode
+    turns its warnings into errors, and a "premature end" one means a scan was cut. That
+    check decodes at the smallest DCT scale (1/8), since only the entropy-coded data
+    matters. The image returned is Pillow's decode of the file up to its end marker,
+    which equals its decode of the whole file when the marker is there.
     """
     try:
         body = jpeg_body(data)
     except JpegStructureError as exc:
         raise InvalidArgument(field, f"corrupt or truncated image: {exc}") from None
-    scans = data[:body.end]
-    image = _open_jpeg(scans + EOI)
-    if not _same_pixels(image, _open_jpeg(scans + JPEG_SCAN_PROBE + EOI)):
+    scans = data[:body.end] + EOI
+    problem = _libjpeg_problem(scans)
+    if problem is not None:
         what = "its last scan stops early" if body.has_eoi else "it stops inside its image data"
-        raise InvalidArgument(field, f"corrupt or truncated image: JPEG is cut short ({what})")
-    return image
-
-
-def _open_jpeg(data: bytes) -> Image.Image:
-    image = Image.open(io.BytesIO(data), formats=("JPEG",))
+        if "premature end" not in problem.lower():
+            what = problem
+        raise InvalidArgument(field, f"corrupt or truncated image: JPEG is cut short or damaged ({what})")
+    image = Image.open(io.BytesIO(scans), formats=("JPEG",))
     image.load()
     return image
 
 
-def _same_pixels(a: Image.Image, b: Image.Image) -> bool:
-    """Exact equality of two decoded JPEGs (L, RGB or CMYK), a strip of rows at a time."""
-    if a.mode != b.mode or a.size != b.size:
-        return False
-    for top in range(0, a.height, COMPARE_ROWS):
-        box = (0, top, a.width, min(a.height, top + COMPARE_ROWS))
-        if ImageChops.difference(a.crop(box), b.crop(box)).getbbox(alpha_only=False) is not None:
-            return False
-    return True
+def _libjpeg_problem(data: bytes) -> str | None:
+    """What libjpeg-turbo, decoding strictly at 1/8 scale, says is wrong with a JPEG's
+    data (None: nothing beyond `JPEG_BENIGN_WARNINGS`). It outputs grey and YCbCr
+    files as RGB, CMYK and YCCK ones only as CMYK, hence the second try."""
+    for colorspace in ("RGB", "CMYK"):
+        try:
+            simplejpeg.decode_jpeg(data, fastdct=True, strict=True, min_height=1, min_width=1,
+                                   colorspace=colorspace)
+            return None
+        except ValueError as exc:
+            message = str(exc)
+            if any(w in message.lower() for w in JPEG_BENIGN_WARNINGS):
+                return None
+            if "color" not in message.lower() or colorspace == "CMYK":
+                return message
+    return None
 
 
 def exif_orientation(image: Image.Image) -> int:
