@@ -92,16 +92,38 @@ def _listed(keys: list[str], limit: int = 10) -> str:
     return ", ".join(keys[:limit]) + more
 
 
+def _shape(tensor: torch.Tensor) -> str:
+    return str(list(tensor.shape))
+
+
+def _fits(value: torch.Tensor, target: torch.Tensor) -> bool:
+    """Whether `load_state_dict` copies `value` into `target`: same shape, or (as torch
+    allows for old checkpoints) a one-element vector into a scalar."""
+    return value.shape == target.shape or (target.dim() == 0 and value.dim() == 1 and value.numel() == 1)
+
+
 def apply_state_dict(model: torch.nn.Module, state: dict, arch: zoo.Architecture) -> None:
-    """Load strictly: missing or unexpected keys are an error, never skipped."""
+    """Load strictly: missing or unexpected keys and tensors of the wrong shape are one
+    ExportError naming them all (a mismatched shape as "key: checkpoint [..] vs model [..]"),
+    never skipped and never a RuntimeError from `load_state_dict`."""
     if arch.adapt_state_dict is not None:
         state = arch.adapt_state_dict(model, state)
-    result = model.load_state_dict(state, strict=False)
+    expected = model.state_dict()
+    mismatched = [f"{key}: checkpoint {_shape(value)} vs model {_shape(expected[key])}"
+                  for key, value in state.items() if key in expected and not _fits(value, expected[key])]
+    loadable = {k: v for k, v in state.items() if k not in expected or _fits(v, expected[k])}
+    # load_state_dict itself decides what is missing or unexpected (modules may rename or
+    # drop keys as they load, e.g. batch norm's num_batches_tracked in old checkpoints).
+    result = model.load_state_dict(loadable, strict=False)
+    skipped = set(state) - set(loadable)
+    missing = [key for key in result.missing_keys if key not in skipped]
     problems = []
-    if result.missing_keys:
-        problems.append(f"missing keys: {_listed(result.missing_keys)}")
+    if missing:
+        problems.append(f"missing keys: {_listed(missing)}")
     if result.unexpected_keys:
         problems.append(f"unexpected keys: {_listed(result.unexpected_keys)}")
+    if mismatched:
+        problems.append(f"mismatched shapes: {_listed(mismatched)}")
     if problems:
         raise ExportError(f"checkpoint does not match {arch.name}: " + "; ".join(problems))
 
