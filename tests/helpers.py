@@ -1,4 +1,4 @@
-"""Shared test helpers: photos, encoding, ports."""
+"""Shared test helpers: photos, encoding, ports, scale-aware float comparison."""
 from __future__ import annotations
 
 import io
@@ -120,3 +120,26 @@ def png16(samples: np.ndarray) -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def assert_close_scaled(got, want, rtol: float, atol: float = 0.0, err_msg: str = "") -> None:
+    """``max|got - want| <= atol + rtol * max|want|``: one bound for the whole array,
+    scaled by its largest finite value, as the exporter's parity check does.
+
+    For float outputs of different kernels (ONNX Runtime vs torch, another batch size,
+    another CPU), whose rounding scales with the output, not with each element: a
+    per-element `assert_allclose(rtol=...)` fails on elements near zero. Shapes must
+    match, and NaN/inf must sit at the same places in both."""
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    prefix = f"{err_msg}: " if err_msg else ""
+    assert got.shape == want.shape, f"{prefix}shape {got.shape} != {want.shape}"
+    finite = np.isfinite(want)
+    np.testing.assert_array_equal(np.isfinite(got), finite, err_msg=f"{prefix}non-finite values differ")
+    np.testing.assert_array_equal(got[~finite], want[~finite], err_msg=f"{prefix}non-finite values differ")
+    if not finite.any():
+        return
+    diff = float(np.abs(got[finite] - want[finite]).max())
+    scale = float(np.abs(want[finite]).max())
+    bound = atol + rtol * scale
+    assert diff <= bound, (f"{prefix}max abs diff {diff:.3g} exceeds {bound:.3g} "
+                           f"(atol {atol:g} + rtol {rtol:g} x max|want| {scale:.3g})")
