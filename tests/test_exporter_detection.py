@@ -30,7 +30,7 @@ def test_detection_file_is_checked_against_layout_and_labels(tmp_path, layout, s
     spec = export_from_file(source, tmp_path / "repo", task="detection", name="det", input_size=64,
                             labels_file=labels, layout=layout).spec
     assert (spec.output_layout, spec.resize_mode, spec.mean, spec.std) == (layout, "letterbox", (0.0,) * 3, (1.0,) * 3)
-    assert spec.outputs[0].dims == tuple(shape) and spec.option("score_threshold") == "0.25"
+    assert spec.outputs[0].dims == tuple(shape) and spec.settings.score_threshold == 0.25
     config = (tmp_path / "repo" / "det" / "configs" / "cpu.pbtxt").read_text()
     assert "yolov8" in config or "yolov5" in config
     labels.write_text("a\nb\n")

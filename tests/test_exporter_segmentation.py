@@ -92,7 +92,7 @@ def test_from_file_instance_torchscript(tmp_path):
     assert [(t.name, t.dtype, t.dims) for t in spec.outputs] == [
         ("boxes__0", np.float32, (6, 4)), ("scores__1", np.float32, (6,)), ("labels__2", np.int64, (6,)),
         ("count__3", np.int32, (1,)), ("masks__4", np.float32, (6, 28, 28))]
-    assert spec.option("max_candidates") == "6"
+    assert spec.settings.max_candidates == 6
     # The spec round-trips through the Triton config the gateway reads.
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as mc

@@ -81,9 +81,9 @@ def gateway_selection(outputs, spec, width: int, height: int):
     boxes, scores, labels, count = (o.numpy() for o in outputs[:4])
     n = int(count[0])
     keep = select_detections(boxes[:n], scores[:n], labels[:n],
-                             score_threshold=float(spec.option("score_threshold")),
-                             iou_threshold=float(spec.option("iou_threshold")),
-                             max_detections=int(spec.option("max_detections")))
+                             score_threshold=spec.settings.score_threshold,
+                             iou_threshold=spec.settings.iou_threshold,
+                             max_detections=spec.settings.max_detections)
     selected = {"boxes": clip_boxes(boxes[keep], width, height), "scores": scores[keep], "labels": labels[keep]}
     if len(outputs) > 4:
         selected["masks"] = outputs[4].numpy()[keep]
@@ -106,7 +106,7 @@ def test_candidates_reproduce_stock_torchvision(exported, arch_name, photo_name)
         outputs = [o[0] for o in scripted(uint8[None])]
     got, count = gateway_selection(outputs, spec, width, height)
 
-    assert count < int(spec.option("max_candidates")), "candidates hit K: stock parity is not guaranteed"
+    assert count < spec.settings.max_candidates, "candidates hit K: stock parity is not guaranteed"
     assert len(expected["boxes"]) >= MIN_DETECTIONS
     np.testing.assert_array_equal(got["labels"], expected["labels"].numpy())
     np.testing.assert_allclose(got["scores"], expected["scores"].numpy(), rtol=0, atol=SCORE_ATOL)

@@ -169,9 +169,10 @@ def test_cyclegan_scripted_and_onnx_equal_eager(cyclegan):
         assert_close_scaled(got, e.numpy(), rtol=ONNX_RTOL, atol=ONNX_ATOL)
 
 
-def pix2pix_spec():
-    arch = zoo.get("pix2pix")
-    return type("Spec", (), {"mean": arch.mean, "std": arch.std, "options": dict(arch.options)})()
+def pix2pix_spec(**options):
+    from service.exporter import build_spec
+
+    return build_spec(zoo.get("pix2pix"), "pix2pix", [], 1, options=options)
 
 
 def test_pix2pix_scripted_equals_eager():
@@ -189,8 +190,7 @@ def test_pix2pix_onnx_equals_eager(batch_norm):
     # unet_256's structure (8 levels, 256x256) at a quarter of its width: the same
     # layers, a 16x smaller file to export.
     generator = gen.UnetGenerator(3, 3, 8, ngf=16, norm_layer=gen.get_norm_layer("batch"), use_dropout=True)
-    spec = pix2pix_spec()
-    spec.options = {"batch_norm": batch_norm}
+    spec = pix2pix_spec(batch_norm=batch_norm)
     wrapped = zoo.get("pix2pix").wrap(randomize(generator, seed=2), spec).eval()
     x = uint8_images(1, 3, 256, 256)
     with torch.inference_mode():
@@ -237,7 +237,7 @@ def test_registered_generators():
     for arch in (pix2pix, cyclegan):
         assert arch.task == "generation"
         assert arch.mean == (0.5, 0.5, 0.5) and arch.std == (0.5, 0.5, 0.5)
-        assert arch.output_names == ("generated__0",) and arch.input_name != arch.output_names[0]
+        assert arch.layout.output_names == ("generated__0",) and arch.input_name != arch.layout.output_names[0]
         assert arch.adapt_state_dict is gen.adapt_official_state_dict
     assert pix2pix.input_size == (256, 256) and pix2pix.resize_mode == "stretch"
     assert pix2pix.options == {"batch_norm": "per_image"}

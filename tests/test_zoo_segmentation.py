@@ -158,7 +158,7 @@ def test_vgg_mapping_names_what_is_missing():
 def test_registered_architectures(name):
     arch = zoo.get(name)
     assert arch.task == "semantic_segmentation" and arch.resize_mode == "stretch"
-    assert arch.num_classes == 21 and arch.output_names == ("logits__0",)
+    assert arch.num_classes == 21 and arch.layout.output_names == ("logits__0",)
     h, w = arch.input_size
     assert h % 32 == 0 and w % 32 == 0
 
