@@ -59,7 +59,7 @@ def model_forward_s(height, width, instances):
     forward is skipped where the torchvision op kernels are missing."""
     import torch
 
-    from service import tvshim
+    from service.export import tvshim
 
     tvshim.install()
     import torchvision
@@ -104,7 +104,7 @@ def main(argv=None):
     import torch
     from pycocotools import mask as coco_mask
 
-    from service import tvshim
+    from service.export import tvshim
 
     tvshim.install()
     from torchvision.models.detection.roi_heads import paste_masks_in_image

@@ -65,7 +65,7 @@ def torchvision_nms():
     try:
         import torch
 
-        from service import tvshim
+        from service.export import tvshim
 
         if not tvshim._native_ops_load():
             return None, "torchvision's compiled ops do not load on this CPU-only torch"

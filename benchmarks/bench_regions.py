@@ -39,11 +39,11 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from service import zoo  # noqa: F401  (op shim before torchvision)
+    from service.export import zoo  # noqa: F401  (op shim before torchvision)
     import torchvision
 
     from helpers import encode, photo
-    from service.exporter import export_model
+    from service.export.repository import export_model
     from service.ops.imaging import decode_encoded
     from service.pipelines import detection, regions
     from service.pipelines.detection import resolve_options

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import signal
 import subprocess
@@ -24,7 +23,11 @@ log = logging.getLogger("convserve")
 def cmd_export(args) -> int:
     import warnings
 
-    from .exporter import ExportError, export_from_file, export_model
+    from .export import ExportError
+
+    from .export.files import export_from_file
+
+    from .export.repository import export_model
 
     warnings.simplefilter("always", UserWarning)
     settings = load_settings(model_repository=args.repo)
@@ -32,7 +35,7 @@ def cmd_export(args) -> int:
                   max_queue_size=args.max_queue_size)
     try:
         if args.from_file:
-            from .exporter import UNLABELLED_TASKS
+            from .export.files import UNLABELLED_TASKS
 
             required = [("--task", args.task), ("--input-size", args.input_size), ("--name", args.name)]
             if args.task not in UNLABELLED_TASKS:
@@ -63,7 +66,7 @@ def cmd_export(args) -> int:
 
 def _parse_options(items: list[str] | None) -> dict[str, str]:
     """`--option KEY=VALUE` flags -> spec options (they override the architecture's)."""
-    from .exporter import ExportError
+    from .export import ExportError
 
     options = {}
     for item in items or ():

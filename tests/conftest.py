@@ -27,7 +27,7 @@ SLOW_MODEL_SECONDS = 0.5
 def make_resnet18_checkpoint(path: Path) -> Path:
     import torch
 
-    from service import tvshim
+    from service.export import tvshim
 
     tvshim.install()
     import torchvision

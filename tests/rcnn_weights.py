@@ -50,7 +50,7 @@ def photo_tensor(name: str, max_side: int = CALIBRATION_SIZE):
 def make_checkpoint(arch_name: str, path: Path, seed: int = 0) -> Path:
     import torch
 
-    from service import tvshim
+    from service.export import tvshim
 
     tvshim.install()
     import torchvision

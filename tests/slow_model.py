@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from service.exporter import write_entry
+from service.export.repository import write_entry
 from service.spec import ModelSpec, TensorSpec
 
 MATRIX = 256

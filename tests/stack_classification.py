@@ -6,7 +6,7 @@ from pathlib import Path
 
 def export(repo: Path, root: Path, checkpoints: dict) -> None:
     from conftest import SLOW_MODEL_SECONDS, make_resnet18_checkpoint
-    from service.exporter import export_model
+    from service.export.repository import export_model
     from slow_model import export_slow_model
 
     checkpoints["resnet18"] = make_resnet18_checkpoint(root / "resnet18_test.pth")

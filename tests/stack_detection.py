@@ -33,7 +33,7 @@ def make_yolo_checkpoint(path: Path) -> Path:
     from torch import nn
 
     from helpers import PHOTO_NAMES, photo
-    from service import zoo
+    from service.export import zoo
     from service.ops.imaging import letterbox
 
     torch.manual_seed(YOLO_SEED)
@@ -96,8 +96,8 @@ def export_yolo_file(repo: Path, root: Path, checkpoint: Path) -> None:
     import torch
 
     import service
-    from service import zoo
-    from service.exporter import export_from_file
+    from service.export import zoo
+    from service.export.files import export_from_file
 
     model = zoo.get("yolo").build(80)
     model.load_state_dict(torch.load(checkpoint, weights_only=True))
@@ -115,7 +115,9 @@ def export_yolo_file(repo: Path, root: Path, checkpoint: Path) -> None:
 def export(repo: Path, root: Path, checkpoints: dict) -> None:
     import torch
 
-    from service.exporter import export_from_file, export_model
+    from service.export.files import export_from_file
+
+    from service.export.repository import export_model
 
     checkpoints["yolo"] = make_yolo_checkpoint(root / "yolo_test.pth")
     export_model("yolo", repo, weights=checkpoints["yolo"], input_size=YOLO_INPUT_SIZE, max_batch_size=4)

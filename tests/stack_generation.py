@@ -24,7 +24,7 @@ def official_cyclegan_checkpoint(path: Path, seed: int = 7) -> Path:
     official `load_networks` and our loader drop."""
     import torch
 
-    from service.zoo import generation as gen
+    from service.export.zoo import generation as gen
 
     torch.manual_seed(seed)
     model = gen.resnet_9blocks()
@@ -41,7 +41,7 @@ def official_cyclegan_checkpoint(path: Path, seed: int = 7) -> Path:
 def pix2pix_checkpoint(path: Path, seed: int = 11) -> Path:
     import torch
 
-    from service.zoo import generation as gen
+    from service.export.zoo import generation as gen
 
     torch.manual_seed(seed)
     model = gen.unet_256()
@@ -59,7 +59,7 @@ def small_generator_file(path: Path, seed: int = 5) -> Path:
     with 2 blocks and 16 filters: the same layers as CycleGAN's, cheap)."""
     import torch
 
-    from service.zoo import generation as gen
+    from service.export.zoo import generation as gen
 
     torch.manual_seed(seed)
     model = gen.ResnetGenerator(3, 3, 16, norm_layer=gen.get_norm_layer("instance"), n_blocks=2).eval()
@@ -69,7 +69,7 @@ def small_generator_file(path: Path, seed: int = 5) -> Path:
 
 def export(repo: Path, root: Path, checkpoints: dict) -> None:
     from service.cli import main
-    from service.exporter import export_model
+    from service.export.repository import export_model
 
     checkpoints["cyclegan"] = official_cyclegan_checkpoint(root / "cyclegan_latest_net_G.pth")
     # Parity is checked at 64x64 (--input-size): served sizes vary anyway.

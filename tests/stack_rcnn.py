@@ -14,7 +14,7 @@ RCNN_STACK_ARCHITECTURES = ("fasterrcnn_mobilenet_v3_large_fpn", "maskrcnn_resne
 
 def export(repo: Path, root: Path, checkpoints: dict) -> None:
     from rcnn_weights import make_checkpoint
-    from service.exporter import export_model
+    from service.export.repository import export_model
 
     for arch in RCNN_STACK_ARCHITECTURES:
         checkpoints[arch] = make_checkpoint(arch, root / f"{arch}_test.pth", seed=0)

@@ -15,7 +15,7 @@ def make_region_checkpoint(path: Path, num_classes: int = 21) -> Path:
     spread far beyond any tolerance and the box deltas move the boxes."""
     import torch
 
-    from service.zoo.regions import RegionHead
+    from service.export.zoo.regions import RegionHead
 
     torch.manual_seed(2024)
     model = RegionHead(num_classes)
@@ -27,7 +27,7 @@ def make_region_checkpoint(path: Path, num_classes: int = 21) -> Path:
 
 
 def export(repo: Path, root: Path, checkpoints: dict) -> None:
-    from service.exporter import export_model
+    from service.export.repository import export_model
 
     checkpoints["regions"] = make_region_checkpoint(root / "regions_test.pth")
     export_model("rcnn", repo, weights=checkpoints["regions"], input_size=RCNN_SIZE, max_batch_size=16,

@@ -16,7 +16,7 @@ CLASSIFIER_SCALE = 20.0
 def make_checkpoint(arch_name: str, path: Path, seed: int) -> Path:
     import torch
 
-    from service import zoo
+    from service.export import zoo
 
     arch = zoo.get(arch_name)
     torch.manual_seed(seed)
@@ -30,7 +30,7 @@ def make_checkpoint(arch_name: str, path: Path, seed: int) -> Path:
 
 
 def export(repo: Path, root: Path, checkpoints: dict) -> None:
-    from service.exporter import export_model
+    from service.export.repository import export_model
 
     checkpoints["unet"] = make_checkpoint("unet", root / "unet_test.pth", seed=11)
     checkpoints["segnet"] = make_checkpoint("segnet", root / "segnet_test.pth", seed=12)
@@ -90,8 +90,8 @@ def candidate_model():
 def export_candidates(repo: Path, root: Path, checkpoints: dict) -> None:
     import torch
 
-    from service.exporter import export_from_file
-    from service.zoo import read_labels
+    from service.export.files import export_from_file
+    from service.export.zoo import read_labels
 
     source = root / "candidates.pt"
     torch.jit.save(torch.jit.script(candidate_model()), str(source))

@@ -10,8 +10,10 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from service import zoo
-from service.exporter import ExportError, export_from_file, export_model
+from service.export import zoo
+from service.export import ExportError
+from service.export.files import export_from_file
+from service.export.repository import export_model
 from service.spec import ModelSpec
 
 from helpers import assert_close_scaled
@@ -39,7 +41,7 @@ def read_config(path: Path) -> mc.ModelConfig:
 @pytest.mark.parametrize("arch,fmt,size", CASES)
 def test_export_parity_every_architecture(tmp_path, arch, fmt, size):
     # export_model itself compares the exported file with eager (a bound that scales
-    # with each output, see exporter.parity_bound) and raises on a mismatch;
+    # with each output, see export.formats.parity_bound) and raises on a mismatch;
     # test_parity_failure_is_refused and tests/test_exporter_parity.py show that it does.
     result = export_model(arch, tmp_path, fmt=fmt, input_size=size, num_classes=10, max_batch_size=4)
     entry = tmp_path / (arch if fmt == "torchscript" else f"{arch}_onnx")
@@ -142,7 +144,7 @@ def test_class_counts_that_disagree_name_all_three(tmp_path):
 
 
 def test_googlenet_accepts_torchvision_checkpoint_with_aux_heads(tmp_path):
-    from service import tvshim
+    from service.export import tvshim
 
     tvshim.install()
     import torchvision

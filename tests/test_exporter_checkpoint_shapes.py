@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 
-from service import zoo
-from service.exporter import ExportError, apply_state_dict
+from service.export import zoo
+from service.export import ExportError
+from service.export.checkpoints import apply_state_dict
 
 
 def _corrupted_key(state: dict) -> tuple[str, list[int]]:

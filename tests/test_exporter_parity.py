@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from conftest import FINAL_LAYER_SCALE
-from service import zoo
-from service.exporter import PARITY_ATOL, PARITY_RTOL, ExportError, compare, export_model, parity_bound
+from service.export import zoo
+from service.export.formats import PARITY_ATOL, PARITY_RTOL, compare, parity_bound
+from service.export import ExportError
+from service.export.repository import export_model
 
 # float32 rounding seen across kernels, relative to an output's scale: the issue's
 # 1.8e-4 on logits of ~120 (AVX2 EPYC vs the developer's machine) is 1.5e-6.

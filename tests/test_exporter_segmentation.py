@@ -7,8 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from service import zoo
-from service.exporter import ExportError, export_from_file, export_model
+from service.export import zoo
+from service.export import ExportError
+from service.export.files import export_from_file
+from service.export.repository import export_model
 from service.spec import ModelSpec
 
 

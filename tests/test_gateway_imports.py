@@ -7,7 +7,7 @@ import sys
 
 from helpers import free_port
 
-FORBIDDEN = ("torch", "torchvision", "onnxruntime", "service.zoo", "service.exporter", "service.tvshim")
+FORBIDDEN = ("torch", "torchvision", "onnxruntime", "service.export.zoo", "service.exporter", "service.export.tvshim")
 
 PROGRAM = f"""
 import asyncio, importlib, pkgutil, sys

@@ -124,7 +124,7 @@ def test_encode_png_lossless_and_jpeg():
 def generator():
     import torch
 
-    from service.zoo import generation as zg
+    from service.export.zoo import generation as zg
 
     torch.manual_seed(3)
     return zg.ResnetGenerator(3, 3, 16, norm_layer=zg.get_norm_layer("instance"), n_blocks=2).eval()
@@ -134,7 +134,7 @@ def run_pipeline(model, image: Image.Image, model_spec: ModelSpec, output_format
     """preprocess -> the eager model, as the exported wrapper runs it -> postprocess."""
     import torch
 
-    from service.zoo import generation as zg
+    from service.export.zoo import generation as zg
 
     wrapped = zg.ImageGenerator(model).eval()
     task, decoded = g.TASK, Decoded(image)

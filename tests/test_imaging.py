@@ -18,7 +18,7 @@ MAX_PIXELS = 40_000_000
 
 @pytest.fixture(scope="module")
 def tv_transforms():
-    from service import tvshim
+    from service.export import tvshim
 
     tvshim.install()
     from torchvision import transforms

@@ -86,7 +86,7 @@ def slow_paste(probs: np.ndarray, box, height: int, width: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def torchvision_paste():
-    from service import tvshim
+    from service.export import tvshim
 
     tvshim.install()
     import torch

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from service import zoo  # noqa: F401  (installs the torchvision op shim)
+from service.export import zoo  # noqa: F401  (installs the torchvision op shim)
 from service.ops import resize
 from service.ops.boxes import decode_deltas
 from service.pipelines import detection, layouts
@@ -132,7 +132,7 @@ def test_postprocess_matches_torchvision_roi_heads(seed):
 def test_fast_rcnn_roi_step_matches_slow_roi_align():
     """The exported Fast R-CNN: conv5 once, then per RoI exactly the slow reference
     RoIAlign (6 x 6, scale 1/16, 2 samples) and the shared head."""
-    from service.zoo.regions import FastRCNNExport, RegionHead
+    from service.export.zoo.regions import FastRCNNExport, RegionHead
 
     torch.manual_seed(0)
     model = RegionHead(4).eval()

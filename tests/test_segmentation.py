@@ -25,7 +25,7 @@ K, M = 60, 28  # candidates, mask size
 
 @pytest.fixture(scope="module")
 def torch_ops():
-    from service import tvshim
+    from service.export import tvshim
 
     tvshim.install()
     import torch

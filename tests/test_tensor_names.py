@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from service import zoo
-from service.exporter import build_spec
+from service.export import zoo
+from service.export.repository import build_spec
 
 
 @pytest.mark.parametrize("name", sorted(zoo.REGISTRY))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from service import _tvops
+from service.export import _tvops
 
 
 # --- roi_align reference: roi_align_kernel.cpp + roi_align_common.h, line by line ------
@@ -197,7 +197,7 @@ def test_nms_empty_and_bad_inputs():
 
 @pytest.fixture(scope="module")
 def torchvision():
-    from service import tvshim
+    from service.export import tvshim
 
     tvshim.install()
     import torchvision
@@ -251,7 +251,7 @@ def test_roi_align_agrees_with_torchvisions_python_version(torchvision, sampling
 
 
 def _shim_active() -> bool:
-    from service import tvshim
+    from service.export import tvshim
 
     return bool(tvshim._state["shimmed"])
 

@@ -14,9 +14,11 @@ import torch
 
 from helpers import as_array, assert_close_scaled, photo
 from rcnn_weights import make_checkpoint
-from service import zoo
+from service.export import zoo
 from service.ops.boxes import clip_boxes, select_detections
-from service.exporter import ExportError, build_spec, checkpoint_num_classes, export_model
+from service.export import ExportError
+from service.export.repository import build_spec, export_model
+from service.export.checkpoints import checkpoint_num_classes
 from service.ops.masks import paste_masks
 
 SIZE = 320  # min_size of the exported models and of the reference

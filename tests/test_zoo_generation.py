@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from service import zoo
-from service.zoo import generation as gen
+from service.export import zoo
+from service.export.zoo import generation as gen
 
 from helpers import assert_close_scaled
 
@@ -170,7 +170,7 @@ def test_cyclegan_scripted_and_onnx_equal_eager(cyclegan):
 
 
 def pix2pix_spec(**options):
-    from service.exporter import build_spec
+    from service.export.repository import build_spec
 
     return build_spec(zoo.get("pix2pix"), "pix2pix", [], 1, options=options)
 
@@ -254,7 +254,7 @@ def test_cyclegan_exports_any_size_to_onnx(tmp_path):
     file runs at sizes other than the one it was checked at, equal to eager."""
     import onnxruntime as ort
 
-    from service.exporter import export_model
+    from service.export.repository import export_model
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -287,7 +287,8 @@ def small_generator(path, fmt):
 
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
 def test_from_file_generation(tmp_path, fmt):
-    from service.exporter import ExportError, export_from_file
+    from service.export import ExportError
+    from service.export.files import export_from_file
 
     source = small_generator(tmp_path / ("g.pt" if fmt == "torchscript" else "g.onnx"), fmt)
     with warnings.catch_warnings():
@@ -308,7 +309,8 @@ def test_from_file_generation(tmp_path, fmt):
 
 
 def test_from_file_generation_refuses_a_classifier(tmp_path):
-    from service.exporter import ExportError, export_from_file
+    from service.export import ExportError
+    from service.export.files import export_from_file
 
     torch.manual_seed(0)
     classifier = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from service import zoo
-from service.zoo import segmentation as seg
+from service.export import zoo
+from service.export.zoo import segmentation as seg
 
 from helpers import assert_close_scaled
 
@@ -120,7 +120,7 @@ def test_segnet_decoder_mirrors_encoder():
 
 @pytest.fixture(scope="module")
 def vgg16_bn():
-    from service import tvshim
+    from service.export import tvshim
 
     tvshim.install()
     import torchvision

@@ -19,7 +19,7 @@ def reference(stack):
     """Eager reference: torchvision's PIL transforms feed the exported TorchScript file."""
     import torch
 
-    from service import tvshim
+    from service.export import tvshim
 
     tvshim.install()
     from torchvision import transforms

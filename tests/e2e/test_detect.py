@@ -95,7 +95,7 @@ def yolo_reference(stack):
     letterbox; rows [A, 4 + C] in input pixels, and Ultralytics' scale_boxes."""
     import torch
 
-    from service import zoo
+    from service.export import zoo
 
     model = zoo.get("yolo").build(80)
     model.load_state_dict(torch.load(stack.checkpoints["yolo"], weights_only=True))

@@ -46,8 +46,8 @@ def cyclegan_reference(stack):
     import torch
     import torch.nn.functional as F
 
-    from service.exporter import load_state_dict
-    from service.zoo import generation as gen
+    from service.export.checkpoints import load_state_dict
+    from service.export.zoo import generation as gen
 
     model = gen.resnet_9blocks()
     gen.load_official_state_dict(model, load_state_dict(stack.checkpoints["cyclegan"]))
@@ -68,7 +68,7 @@ def pix2pix_reference(stack):
     one-image batch (train mode), dropout off (our export serves it deterministic)."""
     import torch
 
-    from service.zoo import generation as gen
+    from service.export.zoo import generation as gen
 
     model = gen.unet_256()
     model.load_state_dict(torch.load(stack.checkpoints["pix2pix"], weights_only=True))

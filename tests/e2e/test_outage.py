@@ -65,7 +65,7 @@ class Outage:
 
 @pytest.fixture(scope="module")
 def outage(tmp_path_factory):
-    from service.exporter import export_model
+    from service.export.repository import export_model
 
     root = tmp_path_factory.mktemp("outage")
     repo = root / "repo"

@@ -36,7 +36,7 @@ SIGKILL_STATUS = 128 + signal.SIGKILL  # the shell's convention for a death by s
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    from service.exporter import export_model
+    from service.export.repository import export_model
 
     repo = tmp_path_factory.mktemp("processes") / "repo"
     export_model("resnet18", repo, input_size=64, max_batch_size=4, seed=3)

@@ -15,7 +15,7 @@ def test_triton_serves_rcnn_candidates(stack, arch):
     import torch
     import tritonclient.grpc as grpcclient
 
-    from service import tvshim
+    from service.export import tvshim
     from service.spec import ModelSpec
 
     tvshim.install()

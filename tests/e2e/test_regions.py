@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from helpers import encode, photo
-from service import zoo  # noqa: F401  (torchvision op shim before torchvision)
+from service.export import zoo  # noqa: F401  (torchvision op shim before torchvision)
 from service._proto import vision_pb2
 from service.ops.imaging import decode_encoded
 from service.pipelines.regions import LAYOUTS, image_proposals
@@ -44,7 +44,7 @@ def detect(vision, model: str, images: list[bytes]):
 
 
 def eager(stack, arch: str, spec):
-    from service.exporter import load_state_dict
+    from service.export.checkpoints import load_state_dict
 
     arch_def = zoo.get(arch)
     model = arch_def.build(len(spec.labels))

@@ -26,7 +26,7 @@ def reference(stack):
     """fn(upright PIL image, score, iou, top) -> (boxes, scores, labels, bool masks [N, H, W])."""
     import torch
 
-    from service import tvshim
+    from service.export import tvshim
 
     tvshim.install()
     from torchvision.models.detection.roi_heads import paste_masks_in_image

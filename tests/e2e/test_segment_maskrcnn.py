@@ -30,7 +30,7 @@ def stock(stack):
     """fn(PIL image) -> torchvision's detections dict (boxes, labels, scores, masks > 0.5)."""
     import torch
 
-    from service import tvshim
+    from service.export import tvshim
 
     tvshim.install()
     from test_zoo_detection import stock_model

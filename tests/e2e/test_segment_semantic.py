@@ -31,7 +31,7 @@ def reference(stack):
     import torch
     import torch.nn.functional as F
 
-    from service import zoo
+    from service.export import zoo
 
     models = {}
     for arch_name in ("unet", "segnet"):

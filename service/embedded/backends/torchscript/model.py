@@ -17,7 +17,7 @@ class TritonPythonModel(BatchedModel):
     def load(self, path):
         import torch
 
-        from service import tvshim
+        from service.export import tvshim
 
         tvshim.install()
         threads = int(os.environ.get("CONVSERVE_TORCH_THREADS", "0"))

@@ -25,8 +25,8 @@ import torch
 import torchvision
 from torch import nn
 
-from ..spec import TensorSpec
-from ..pipelines import layouts
+from ...spec import TensorSpec
+from ...pipelines import layouts
 from . import Architecture, Normalize, contract, register
 
 # AlexNet's conv5 has stride 16 once its last max-pool is dropped (Fast R-CNN's RoI

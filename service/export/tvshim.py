@@ -6,7 +6,7 @@ called *before* torchvision is imported:
 
 1. tries to load torchvision's own `_C.so`; if that works, it does nothing else;
 2. otherwise defines the `torchvision::` op schemas (read from `_C.so`), registers CPU
-   kernels for the ops inference needs (service._tvops), and makes
+   kernels for the ops inference needs (service.export._tvops), and makes
    `torchvision.extension._has_ops` return True.
 
 The exporter calls it, and so does the Triton backend before it loads any model.

@@ -20,7 +20,7 @@ from typing import List
 import torch
 from torch import nn
 
-from ..spec import TensorSpec
+from ...spec import TensorSpec
 from . import Architecture, NormalizedModel, contract, register
 
 # PASCAL VOC 2012's 20 classes plus background: the class set U-Net and SegNet

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops import boxes
+from ..ops import boxes
 
 # Gathered feature rows per step of roi_align: [rows, C] float32 temporaries of 4 MiB,
 # a handful alive at once, whatever the number of RoIs.
@@ -211,7 +211,7 @@ def _pool(rows, base, height, width, start_h, start_w, bin_h, bin_w, pooled_heig
 def _unsupported(name: str):
     def kernel(*args, **kwargs):
         raise NotImplementedError(
-            f"torchvision::{name} has no CPU kernel in convserve's op shim (service._tvops provides nms and "
+            f"torchvision::{name} has no CPU kernel in convserve's op shim (service.export._tvops provides nms and "
             "roi_align, which inference needs)")
     return kernel
 

@@ -26,8 +26,8 @@ from typing import List, Tuple
 import torch
 from torch import nn
 
-from ..spec import TensorSpec
-from ..pipelines import layouts
+from ...spec import TensorSpec
+from ...pipelines import layouts
 from . import Architecture, NormalizedModel, contract, register
 
 REG_MAX = 16                # DFL bins per box side

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..spec import TensorSpec
-from ..pipelines import layouts
+from ...spec import TensorSpec
+from ...pipelines import layouts
 from . import Architecture, Normalize, contract, register
 
 # The official data pipeline maps pixels to [-1, 1]: (x / 255 - 0.5) / 0.5.

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from .. import tvshim
-from ..pipelines import layouts
-from ..spec import TensorSpec
+from ...pipelines import layouts
+from ...spec import TensorSpec
 
 tvshim.install()
 

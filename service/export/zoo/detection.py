@@ -32,7 +32,7 @@ count < K, or whenever ``max_detections`` boxes survive within the top K.
 Images are resized here with the scale computed in double precision, as torchvision's
 *eager* `GeneralizedRCNNTransform` does (its scripted branch computes it in float32,
 which can pick an output size one pixel smaller); everything else calls torchvision's
-modules. Scripted, these models run on CPU-only torch through `service.tvshim`.
+modules. Scripted, these models run on CPU-only torch through `service.export.tvshim`.
 
 Batch norm: torchvision builds these detectors with `FrozenBatchNorm2d` whenever they
 carry trained weights, so published checkpoints have no `num_batches_tracked` keys; the
@@ -52,8 +52,8 @@ from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import boxes as box_ops
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from ..spec import TensorSpec
-from ..pipelines import layouts
+from ...spec import TensorSpec
+from ...pipelines import layouts
 from . import Architecture, contract, register
 
 COCO_NUM_CLASSES = 91  # torchvision's COCO indexing: 80 classes, gaps, 0 = background

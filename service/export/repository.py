@@ -1,0 +1,182 @@
+"""Repository entries: the spec of an export (from its architecture, labels and
+options) and the writer of `<repo>/<name>/` (model file, both configs, labels).
+`export_model` ties a zoo architecture, a checkpoint and a format together."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from google.protobuf import text_format
+
+from ..spec import MODEL_FILENAME, ModelSpec, TensorSpec
+from . import ExportError, zoo
+from .checkpoints import apply_state_dict, checkpoint_num_classes, load_state_dict, resolve_labels
+from .formats import write_model_file
+
+log = logging.getLogger("convserve.export")
+
+DEFAULT_MAX_BATCH_SIZE = 8
+LABELS_FILE = "labels.txt"
+# Entry-name suffix per format, so one repository can hold every format of a model.
+NAME_SUFFIX = {"torchscript": "", "onnx": "_onnx", "tensorrt": "_trt"}
+
+
+@dataclass
+class ExportResult:
+    name: str
+    path: Path
+    version: int
+    spec: ModelSpec
+    max_abs_diff: float
+
+
+def build_spec(arch: zoo.Architecture, name: str, labels: list[str], max_batch_size: int,
+               input_size: int | None = None, options: dict[str, str] | None = None) -> ModelSpec:
+    """The spec of zoo architecture `arch` exported as entry `name`; the architecture's
+    hooks say what its outputs and extra inputs are and whether its input size is
+    fixed. `options` override the architecture's default options."""
+    height, width = arch.input_size
+    resize_size = arch.resize_size
+    if input_size is not None:
+        # Same crop ratio as the architecture's default (224 of 256 for ImageNet).
+        if resize_size:
+            resize_size = round(input_size * resize_size / height)
+        height = width = input_size
+    options = {**arch.options, **(arch.sized_options(height, width) if arch.sized_options else {}),
+               **{k: str(v) for k, v in (options or {}).items()}}
+    if arch.output_specs is None:
+        outputs = zoo.contract(arch.output_layout, C=len(labels))
+    else:
+        outputs = tuple(arch.output_specs(len(labels), height, width))
+    in_dims = (3, -1, -1) if arch.variable_input_size else (3, height, width)
+    extra = tuple(arch.extra_inputs(options, height, width)) if arch.extra_inputs is not None else ()
+    return ModelSpec(
+        name=name, task=arch.task, architecture=arch.name,
+        inputs=(TensorSpec(arch.input_name, np.dtype(np.uint8), in_dims), *extra),
+        outputs=outputs,
+        max_batch_size=max_batch_size, resize_mode=arch.resize_mode, resize_size=resize_size,
+        mean=arch.mean, std=arch.std, output_layout=arch.output_layout, labels=tuple(labels),
+        options=options,
+    )
+
+
+def default_name(arch_name: str, fmt: str) -> str:
+    return arch_name + NAME_SUFFIX[fmt]
+
+
+def export_model(
+    arch_name: str,
+    repo: Path,
+    *,
+    name: str | None = None,
+    weights: Path | None = None,
+    labels_file: Path | None = None,
+    num_classes: int | None = None,
+    fmt: str = "torchscript",
+    version: int = 1,
+    version_policy: str = "latest",
+    input_size: int | None = None,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    max_queue_size: int = 0,
+    seed: int = 0,
+    options: dict[str, str] | None = None,
+) -> ExportResult:
+    """Export zoo architecture `arch_name` (+ checkpoint) as entry `name`, version `version`;
+    `options` override the architecture's spec options (e.g. ``--option proposals=50``)."""
+    arch = zoo.get(arch_name)
+    if fmt not in NAME_SUFFIX:
+        raise ExportError(f"format must be one of {', '.join(NAME_SUFFIX)}, got {fmt!r}")
+    name = name or default_name(arch.name, fmt)
+    state = load_state_dict(weights) if weights is not None else None
+    ckpt_classes = (checkpoint_num_classes(state, arch)
+                    if state is not None and (arch.task == "classification" or arch.classes_key) else None)
+    labels = resolve_labels(arch.labels_resource, arch.num_classes, labels_file, num_classes, ckpt_classes)
+    spec = build_spec(arch, name, labels, max_batch_size, input_size, options)
+
+    torch.manual_seed(seed)
+    model = arch.build(len(labels))
+    if state is not None:
+        apply_state_dict(model, state, arch)
+    else:
+        warnings.warn(f"{arch.name}: no --weights given; exporting seeded random weights (seed {seed}). "
+                      "Its answers are meaningless until you export a trained checkpoint.", stacklevel=2)
+    wrapped = arch.wrap(model.eval(), spec).eval()
+    size = (spec.input_height, spec.input_width) if input_size is None else (input_size, input_size)
+    if arch.variable_input_size and input_size is None:
+        size = arch.input_size
+    inputs = example_inputs(spec, arch, seed, size=size)
+    with torch.inference_mode():
+        expected = wrapped(*inputs)
+
+    def write(path: Path) -> float:
+        return write_model_file(fmt, wrapped, inputs, expected, path, spec)
+
+    path, diff = write_entry(repo, spec, fmt, version, write, version_policy=version_policy,
+                             max_queue_size=max_queue_size)
+    log.info("exported", extra={"model": name, "path": str(path), "version": version, "format": fmt})
+    return ExportResult(name, path, version, spec, diff)
+
+
+def example_batch(spec: ModelSpec, seed: int, batch: int = 2, size: tuple[int, int] = (64, 64)) -> torch.Tensor:
+    """Random uint8 images at the spec's input size (`size` where it is variable)."""
+    generator = torch.Generator().manual_seed(seed)
+    dims = tuple(d if d > 0 else fallback for d, fallback in zip(spec.image_input.dims, (3, *size)))
+    return torch.randint(0, 256, (batch, *dims), generator=generator, dtype=torch.uint8)
+
+
+def example_inputs(spec: ModelSpec, arch: zoo.Architecture, seed: int, batch: int = 2,
+                   size: tuple[int, int] = (64, 64)) -> tuple[torch.Tensor, ...]:
+    """Example values of every input of `spec`, in order: `example_batch` images, then
+    the architecture's extra inputs (its own example values, or uniform [0, 1))."""
+    images = example_batch(spec, seed, batch, size)
+    extra = spec.inputs[1:]
+    if not extra:
+        return (images,)
+    generator = torch.Generator().manual_seed(seed + 1)
+    if arch.example_extra_inputs is not None:
+        return (images, *arch.example_extra_inputs(spec, batch, *images.shape[2:], generator))
+    return (images, *(torch.rand((batch, *t.dims), generator=generator).to(getattr(torch, t.dtype.name))
+                      for t in extra))
+
+
+def write_entry(repo: Path, spec: ModelSpec, fmt: str, version: int, write_model: Callable[[Path], float],
+                *, version_policy: str = "latest", max_queue_size: int = 0) -> tuple[Path, float]:
+    """Write (or update) `<repo>/<name>`: `<version>/model.*`, both configs and labels.
+
+    The model file is written and checked in a temporary directory first and renamed
+    into place, so Triton never sees a half-written model. Other versions stay. An
+    entry holds one format: adding a version in another format is refused."""
+    entry = Path(repo) / spec.name
+    existing = {p.name for p in entry.glob("[0-9]*/model.*")} if entry.exists() else set()
+    if existing and MODEL_FILENAME[fmt] not in existing:
+        raise ExportError(f"entry {spec.name!r} already holds {', '.join(sorted(existing))}; "
+                          f"each entry has one format (choose another --name)")
+    (entry / "configs").mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=entry))
+    try:
+        diff = write_model(tmp / MODEL_FILENAME[fmt])
+        target = entry / str(version)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    (entry / LABELS_FILE).write_text("\n".join(spec.labels) + "\n")
+    profiles = [("production", entry / "config.pbtxt")]
+    if fmt != "tensorrt":  # a TensorRT plan needs a GPU: no embedded CPU profile
+        profiles.append(("cpu", entry / "configs" / "cpu.pbtxt"))
+    for profile, path in profiles:
+        config = spec.to_model_config(profile, fmt, labels_file=LABELS_FILE, version_policy=version_policy,
+                                      max_queue_size=max_queue_size)
+        path.write_text(f"# Written by convserve export ({profile} profile). Regenerate, don't edit.\n"
+                        + text_format.MessageToString(config))
+    return entry, diff
