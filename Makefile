@@ -54,7 +54,7 @@ soak: install
 # The decode-path fuzz tests with many more examples than CI's bounded run.
 FUZZ_EXAMPLES ?= 20000
 fuzz: install
-	PATH="$(abspath $(BIN)):$$PATH" CONVSERVE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q tests/test_fuzz_decode.py
+	PATH="$(abspath $(BIN)):$$PATH" CONVSERVE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q tests/ops/test_fuzz_decode.py
 
 clean:
 	rm -rf $(VENV) .convserve service/_proto/*_pb2*.py service/_proto/*_pb2*.pyi

@@ -3,7 +3,7 @@ R-CNN (MobileNetV3-Large FPN) and Mask R-CNN (ResNet-50 FPN) at min_size 320, wi
 checkpoints that detect on the test photos (`rcnn_weights`). `checkpoints[<arch>]` is
 the checkpoint path, so tests can rebuild stock torchvision with the same weights.
 Faster R-CNN ResNet-50 FPN is left out: it adds its export time and tests nothing the
-other two don't (tests/test_zoo_detection.py covers it)."""
+other two don't (tests/export/test_zoo_detection.py covers it)."""
 from __future__ import annotations
 
 from pathlib import Path

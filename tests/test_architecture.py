@@ -152,3 +152,21 @@ def test_a_bad_option_is_reported_one_way():
             yolo.parse_options(options)
     with pytest.raises(layouts.LayoutError, match="unknown output layout 'ssd'"):
         layouts.get("ssd")
+
+
+def test_no_test_module_imports_another():
+    """Shared references live in tests/references.py and tests/helpers.py."""
+    tests = Path(__file__).resolve().parent
+    found = [f"{path.relative_to(tests)}: {name}" for path in sorted(tests.rglob("*.py"))
+             for name in imports_of(path) if name.split(".")[-1].startswith("test_")]
+    assert not found, "test modules imported as libraries:\n" + "\n".join(found)
+
+
+def imports_of(path: Path) -> set[str]:
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+    return out

@@ -7,18 +7,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from service.spec import ModelSpec, TensorSpec
-
-
-def sample_spec(**overrides) -> ModelSpec:
-    fields = dict(
-        name="m", task="classification", architecture="resnet18",
-        inputs=(TensorSpec("images__0", np.dtype(np.uint8), (3, 224, 224)),),
-        outputs=(TensorSpec("logits__0", np.dtype(np.float32), (3,)),),
-        max_batch_size=4, resize_mode="resize_center_crop", resize_size=256,
-        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), labels=("a", "b, with comma", 'c "quoted"'),
-        options={"top_k": "3"})
-    fields.update(overrides)
-    return ModelSpec(**fields)
+from references import sample_spec
 
 
 @pytest.mark.parametrize("profile", ["production", "cpu"])

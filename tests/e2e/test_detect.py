@@ -5,7 +5,7 @@
   1 px, for letterbox and stretch, yolov8 (TorchScript) and yolov5 (ONNX) layouts,
   non-square images and EXIF-rotated JPEGs.
 - YOLO: the served model equals its eager PyTorch model fed by Ultralytics' letterbox,
-  decoded by an independent per-box reference (tests/test_detection.py's slow_detect)
+  decoded by an independent per-box reference (tests/references.py's slow_detect)
   and mapped back with Ultralytics' scale_boxes.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from PIL import Image
 from helpers import PHOTO_NAMES, encode, photo, with_exif_orientation
 from service._proto import vision_pb2
 from stack_detection import BRIGHTBOX_LABELS, BRIGHTBOX_SCORE, YOLO_INPUT_SIZE
-from test_detection import slow_detect, ultralytics_letterbox
+from references import slow_detect, ultralytics_letterbox
 
 pytestmark = pytest.mark.e2e
 

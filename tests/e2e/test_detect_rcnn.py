@@ -14,7 +14,7 @@ import pytest
 from helpers import as_array, encode, photo
 from service._proto import vision_pb2
 from stack_rcnn import RCNN_STACK_SIZE
-from test_zoo_detection import stock_model
+from references import stock_model
 
 pytestmark = pytest.mark.e2e
 

@@ -33,7 +33,7 @@ def stock(stack):
     from service.export import tvshim
 
     tvshim.install()
-    from test_zoo_detection import stock_model
+    from references import stock_model
 
     model = stock_model(MODEL, stack.checkpoints[MODEL], min_size=RCNN_STACK_SIZE)
 

@@ -14,7 +14,7 @@ from service._proto import vision_pb2, vision_pb2_grpc
 from service.gateway.dataplane import DataPlane
 from service.errors import FailedPrecondition, InvalidArgument
 from service.settings import load_settings
-from test_spec import sample_spec
+from references import sample_spec
 
 
 class FakeServicer(vision_pb2_grpc.VisionServicer):

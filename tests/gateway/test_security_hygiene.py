@@ -20,7 +20,7 @@ from service.gateway.dataplane import DataPlane
 from service.gateway.logs import JsonFormatter
 from service.gateway.server import Gateway
 from service.settings import load_settings
-from test_spec import sample_spec
+from references import sample_spec
 
 LEAKS = re.compile(r"Traceback|File \"|\.py\b|/work/|/site-packages/|/usr/|garbage-value|Error\b")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -16,55 +15,12 @@ from service.ops.resize import letterbox, letterbox_geometry, resized_size_short
 from service.pipelines import detection, layouts
 from service.pipelines.common import Context, resize_plan
 from service.spec import ModelSpec, TensorSpec
+from references import slow_detect, ultralytics_letterbox
 
 LABELS = tuple(f"c{i}" for i in range(6))
 
 
 # ------------------------------------------------------------------ references
-def ultralytics_letterbox(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    """Ultralytics' LetterBox(auto=False, center=True) on an HWC array, transcribed."""
-    shape = img.shape[:2]
-    r = min(out_h / shape[0], out_w / shape[1])
-    new_unpad = int(round(shape[1] * r)), int(round(shape[0] * r))
-    dw, dh = (out_w - new_unpad[0]) / 2, (out_h - new_unpad[1]) / 2
-    if shape[::-1] != new_unpad:
-        img = cv2.resize(img, new_unpad, interpolation=cv2.INTER_LINEAR)
-    top, bottom = int(round(dh - 0.1)), int(round(dh + 0.1))
-    left, right = int(round(dw - 0.1)), int(round(dw + 0.1))
-    return cv2.copyMakeBorder(img, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(114, 114, 114))
-
-
-def slow_iou(a, b) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def slow_detect(rows, conf, iou, max_det, classes=(), agnostic=False, objectness=False):
-    """One candidate per row (cx, cy, w, h, [obj,] class scores...): best class, score >
-    conf, class filter, greedy NMS in score order (ties by row), first max_det.
-    Returns [(row, class, score, [x1, y1, x2, y2])]."""
-    candidates = []
-    for a, row in enumerate(rows):
-        row = [float(v) for v in row]
-        cls = row[5:] if objectness else row[4:]
-        scores = [c * row[4] for c in cls] if objectness else cls
-        j = max(range(len(scores)), key=lambda k: (scores[k], -k))
-        s = scores[j]
-        if not s > conf or (classes and j not in classes):
-            continue
-        cx, cy, w, h = row[:4]
-        candidates.append((a, j, s, [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]))
-    candidates.sort(key=lambda c: (-c[2], c[0]))
-    kept = []
-    for c in candidates:
-        if all(not ((agnostic or k[1] == c[1]) and slow_iou(k[3], c[3]) > iou) for k in kept):
-            kept.append(c)
-    return kept[:max_det]
-
-
 def make_spec(layout="yolov8", size=(320, 256), resize_mode="letterbox", options=None, anchors=50):
     h, w = size
     if layout == "rcnn_candidates":

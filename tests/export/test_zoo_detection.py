@@ -20,8 +20,8 @@ from service.export import ExportError
 from service.export.repository import build_spec, export_model
 from service.export.checkpoints import checkpoint_num_classes
 from service.ops.masks import paste_masks
+from references import SIZE, stock_model
 
-SIZE = 320  # min_size of the exported models and of the reference
 BOX_ATOL_PX = 1e-2
 SCORE_ATOL = 1e-5
 MASK_IOU = 0.99
@@ -32,28 +32,6 @@ CASES = {
     "fasterrcnn_resnet50_fpn": ("coffee.png",),
     "maskrcnn_resnet50_fpn": ("motorcycle_left.png", "astronaut.png"),
 }
-
-
-def stock_model(arch_name: str, checkpoint, min_size: int = SIZE) -> torch.nn.Module:
-    """torchvision's model as its builder makes it for trained weights, with `checkpoint`."""
-    from torchvision.models import mobilenet_v3_large, resnet50
-    from torchvision.models.detection import FasterRCNN, MaskRCNN
-    from torchvision.models.detection._utils import overwrite_eps
-    from torchvision.models.detection.anchor_utils import AnchorGenerator
-    from torchvision.models.detection.backbone_utils import _mobilenet_extractor, _resnet_fpn_extractor
-    from torchvision.ops.misc import FrozenBatchNorm2d
-
-    sizes = dict(min_size=min_size, max_size=round(min_size * 1333 / 800))
-    if arch_name == "fasterrcnn_mobilenet_v3_large_fpn":
-        backbone = _mobilenet_extractor(mobilenet_v3_large(norm_layer=FrozenBatchNorm2d), True, 3)
-        anchors = AnchorGenerator(((32, 64, 128, 256, 512),) * 3, ((0.5, 1.0, 2.0),) * 3)
-        model = FasterRCNN(backbone, 91, rpn_anchor_generator=anchors, rpn_score_thresh=0.05, **sizes)
-    else:
-        backbone = _resnet_fpn_extractor(resnet50(norm_layer=FrozenBatchNorm2d), 3)
-        model = (MaskRCNN if arch_name.startswith("mask") else FasterRCNN)(backbone, num_classes=91, **sizes)
-        overwrite_eps(model, 0.0)
-    model.load_state_dict(torch.load(checkpoint, weights_only=True))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

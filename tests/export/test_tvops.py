@@ -3,72 +3,16 @@ obvious transcriptions of torchvision's C++ CPU kernels (one RoI, bin and sample
 time, in the kernel's scalar type), and through a TorchScript-compiled detector."""
 from __future__ import annotations
 
-import math
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 from service.export import _tvops
+from references import reference_roi_align
 
 
 # --- roi_align reference: roi_align_kernel.cpp + roi_align_common.h, line by line ------
-
-def reference_roi_align(features, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned):
-    feats = features.numpy()
-    T = np.float32 if feats.dtype == np.float32 else np.float64
-    _, channels, height, width = feats.shape
-    out = np.zeros((len(rois), channels, pooled_h, pooled_w), T)
-    for n, roi in enumerate(rois.numpy()):
-        batch = int(roi[0])
-        scale = T(spatial_scale)
-        offset = T(0.5) if aligned else T(0.0)
-        start_w, start_h = T(roi[1]) * scale - offset, T(roi[2]) * scale - offset
-        end_w, end_h = T(roi[3]) * scale - offset, T(roi[4]) * scale - offset
-        roi_w, roi_h = T(end_w - start_w), T(end_h - start_h)
-        if not aligned:
-            roi_w, roi_h = max(roi_w, T(1)), max(roi_h, T(1))
-        bin_h, bin_w = T(roi_h / T(pooled_h)), T(roi_w / T(pooled_w))
-        grid_h = sampling_ratio if sampling_ratio > 0 else int(math.ceil(roi_h / T(pooled_h)))
-        grid_w = sampling_ratio if sampling_ratio > 0 else int(math.ceil(roi_w / T(pooled_w)))
-        count = T(max(grid_h * grid_w, 1))
-        for c in range(channels):
-            plane = feats[batch, c].reshape(-1)
-            for ph in range(pooled_h):
-                for pw in range(pooled_w):
-                    total = T(0)
-                    for iy in range(grid_h):
-                        y = T(start_h + T(ph) * bin_h) + T(T(T(iy + 0.5) * bin_h) / T(grid_h))
-                        for ix in range(grid_w):
-                            x = T(start_w + T(pw) * bin_w) + T(T(T(ix + 0.5) * bin_w) / T(grid_w))
-                            total = T(total + bilinear(plane, height, width, y, x, T))
-                    out[n, c, ph, pw] = T(total / count)
-    return torch.from_numpy(out)
-
-
-def bilinear(plane, height, width, y, x, T):
-    if not (y >= -1.0 and y <= height and x >= -1.0 and x <= width):
-        return T(0) * plane[0]  # weights 0 on pixel 0, as the precomputed table has it
-    y, x = (T(0) if y <= 0 else y), (T(0) if x <= 0 else x)
-    y_low, x_low = int(y), int(x)
-    if y_low >= height - 1:
-        y_high = y_low = height - 1
-        y = T(y_low)
-    else:
-        y_high = y_low + 1
-    if x_low >= width - 1:
-        x_high = x_low = width - 1
-        x = T(x_low)
-    else:
-        x_high = x_low + 1
-    ly, lx = T(y - T(y_low)), T(x - T(x_low))
-    hy, hx = T(1.0 - float(ly)), T(1.0 - float(lx))  # `T hy = 1. - ly`: in double, then to T
-    w1, w2, w3, w4 = T(hy * hx), T(hy * lx), T(ly * hx), T(ly * lx)
-    v1, v2 = plane[y_low * width + x_low], plane[y_low * width + x_high]
-    v3, v4 = plane[y_high * width + x_low], plane[y_high * width + x_high]
-    return T(T(T(T(w1 * v1) + T(w2 * v2)) + T(w3 * v3)) + T(w4 * v4))
-
 
 def make_rois(generator, count, batch, image_h, image_w, dtype=torch.float32):
     """RoIs in image coordinates: inside, partly outside, fully outside, tiny, inverted."""
@@ -159,9 +103,9 @@ def test_roi_align_rejects_bad_inputs(args, message):
 # --- nms reference: nms_kernel.cpp, line by line ------------------------------------------
 
 def reference_nms(dets, scores, threshold):
-    """The slow transcription of nms_kernel.cpp that tests/test_boxes.py checks
+    """The slow transcription of nms_kernel.cpp that tests/ops/test_boxes.py checks
     service.ops.boxes against, applied to the same tensors."""
-    from test_boxes import reference_nms as loop
+    from references import reference_nms as loop
 
     return torch.from_numpy(loop(dets.numpy(), scores.numpy(), threshold))
 

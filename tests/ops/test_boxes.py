@@ -3,48 +3,12 @@ transcribed box by box (float32 arithmetic in its order, compared with the thres
 double, as its C++ kernel does)."""
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest
 
 from service.ops import boxes
-
-F32 = np.float32
-
-
-def reference_order(scores) -> list[int]:
-    """torch's stable descending sort: NaN first, ties in index order."""
-    return sorted(range(len(scores)), key=lambda i: (0, 0.0) if math.isnan(scores[i]) else (1, -float(scores[i])))
-
-
-def reference_iou(a, b, dtype=F32):
-    """torchvision's ``ovr``, one pair at a time, in ``dtype``."""
-    a, b = [dtype(v) for v in a], [dtype(v) for v in b]
-    w = max(dtype(0), min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(dtype(0), min(a[3], b[3]) - max(a[1], b[1]))
-    inter = dtype(w * h)
-    area_a = dtype((a[2] - a[0]) * (a[3] - a[1]))
-    area_b = dtype((b[2] - b[0]) * (b[3] - b[1]))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return dtype(inter / dtype(dtype(area_a + area_b) - inter))
-
-
-def reference_nms(b, s, threshold) -> np.ndarray:
-    """torchvision/csrc/ops/cpu/nms_kernel.cpp, as a Python loop."""
-    dtype = F32 if np.asarray(b).dtype != np.float64 else np.float64
-    order = reference_order(s)
-    suppressed = [False] * len(order)
-    keep = []
-    for rank, i in enumerate(order):
-        if suppressed[i]:
-            continue
-        keep.append(i)
-        for j in order[rank + 1:]:
-            if not suppressed[j] and float(reference_iou(b[i], b[j], dtype)) > threshold:
-                suppressed[j] = True
-    return np.array(keep, np.int64)
-
+from references import F32, reference_iou, reference_nms, reference_order
 
 def reference_batched_nms(b, s, classes, threshold, nms=reference_nms) -> np.ndarray:
     """Per-class NMS (torchvision's _batched_nms_vanilla), then all kept by score."""

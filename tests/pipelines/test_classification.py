@@ -8,7 +8,7 @@ import pytest
 
 from service.errors import InvalidArgument
 from service.pipelines import classification
-from test_spec import sample_spec
+from references import sample_spec
 
 
 def reference_top_k(logits: list[float], k: int):

@@ -42,7 +42,7 @@ def read_config(path: Path) -> mc.ModelConfig:
 def test_export_parity_every_architecture(tmp_path, arch, fmt, size):
     # export_model itself compares the exported file with eager (a bound that scales
     # with each output, see export.formats.parity_bound) and raises on a mismatch;
-    # test_parity_failure_is_refused and tests/test_exporter_parity.py show that it does.
+    # test_parity_failure_is_refused and tests/export/test_exporter_parity.py show that it does.
     result = export_model(arch, tmp_path, fmt=fmt, input_size=size, num_classes=10, max_batch_size=4)
     entry = tmp_path / (arch if fmt == "torchscript" else f"{arch}_onnx")
     assert (entry / "1" / ("model.pt" if fmt == "torchscript" else "model.onnx")).is_file()

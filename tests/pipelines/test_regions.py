@@ -18,7 +18,7 @@ from service.pipelines.detection import DetectOptions
 from service.pipelines.regions import context_boxes, warp_regions
 
 from helpers import assert_close_scaled
-from test_tvops import reference_roi_align
+from references import reference_roi_align
 
 import torchvision  # noqa: E402  (after the shim)
 from torchvision.models.detection._utils import BoxCoder  # noqa: E402
