@@ -28,7 +28,7 @@ def test_triton_serves_rcnn_candidates(stack, arch):
     result = client.infer(arch, inputs, outputs=[grpcclient.InferRequestedOutput(n) for n in names])
     served = [result.as_numpy(n) for n in names]
 
-    k = int(spec.option("max_candidates"))
+    k = spec.settings.max_candidates
     for tensor, array in zip(spec.outputs, served):
         assert array.shape == (1, *tensor.dims) and array.dtype == tensor.dtype
     count = int(served[names.index("count__3")][0, 0])

@@ -15,7 +15,7 @@ from helpers import encode, photo
 from service.export import zoo  # noqa: F401  (torchvision op shim before torchvision)
 from service._proto import vision_pb2
 from service.ops.imaging import decode_encoded
-from service.pipelines.regions import LAYOUTS, image_proposals
+from service.pipelines.regions import REGION_INPUTS, image_proposals
 from service.spec import ModelSpec
 from stack_regions import FAST_OPTIONS, REGION_OPTIONS
 
@@ -78,10 +78,10 @@ def test_rcnn_equals_eager_plus_torchvision_postprocessing(stack, vision, name):
     data = encode(photo(name, max_side=160))
     response = detect(vision, "rcnn", [data])
     spec = served_spec(stack, "rcnn")
-    assert spec.output_layout == "rcnn_regions" and spec.option("proposals") == REGION_OPTIONS["proposals"]
+    assert spec.output_layout == "rcnn_regions" and spec.settings.proposals == int(REGION_OPTIONS["proposals"])
     decoded = decode_encoded(data, "image", 10**8)
-    tensors = LAYOUTS["rcnn_regions"].preprocess(decoded, spec, None)
-    proposals = tensors["proposals"]
+    tensors, context = REGION_INPUTS["rcnn_regions"](decoded, spec)
+    proposals = context.proposals
     assert 16 < len(proposals) <= 40  # more regions than max_batch_size 16: several Triton calls
     with torch.inference_mode():
         logits, deltas = eager(stack, "rcnn", spec)(torch.from_numpy(tensors["regions__0"]))
@@ -97,8 +97,8 @@ def test_fast_rcnn_equals_eager_plus_torchvision_postprocessing(stack, vision):
     model = eager(stack, "fast_rcnn", spec)
     for data, result in zip(images, response.results):
         decoded = decode_encoded(data, "image", 10**8)
-        tensors = LAYOUTS["fast_rcnn"].preprocess(decoded, spec, None)
-        proposals = tensors["proposals"]
+        tensors, context = REGION_INPUTS["fast_rcnn"](decoded, spec)
+        proposals = context.proposals
         assert min(tensors["images__0"].shape[2:]) == int(FAST_OPTIONS["min_side"])
         with torch.inference_mode():
             logits, deltas = model(torch.from_numpy(tensors["images__0"]), torch.from_numpy(tensors["rois__1"]))
