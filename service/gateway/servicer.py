@@ -20,17 +20,16 @@ class VisionServicer(vision_pb2_grpc.VisionServicer):
     def __init__(self, plane: DataPlane):
         self.plane = plane
 
+    async def _run(self, task, request, options: dict, context):
+        """One request of any task through the data plane, within the call's deadline."""
+        return await self.plane.run(task, request.model, request.model_version,
+                                    convert.images_from_proto(request.images), options, context.time_remaining())
+
     async def Classify(self, request, context):
-        answer = await self.plane.run(
-            classification.TASK, request.model, request.model_version, convert.images_from_proto(request.images),
-            convert.classify_options(request), context.time_remaining())
-        return convert.classify_response(answer)
+        return convert.classify_response(await self._run(classification.TASK, request, convert.classify_options(request), context))
 
     async def Detect(self, request, context):
-        answer = await self.plane.run(
-            detection.TASK, request.model, request.model_version, convert.images_from_proto(request.images),
-            convert.detect_options(request), context.time_remaining())
-        return convert.detect_response(answer)
+        return convert.detect_response(await self._run(detection.TASK, request, convert.detect_options(request), context))
 
     async def DetectStream(self, request_iterator, context):
         """Each request is one frame, answered in request order (`DataPlane.stream`)."""
@@ -40,15 +39,10 @@ class VisionServicer(vision_pb2_grpc.VisionServicer):
                 yield convert.detect_response(answer)
 
     async def Segment(self, request, context):
-        answer = await self.plane.run(
-            segmentation.TASK, request.model, request.model_version, convert.images_from_proto(request.images),
-            convert.segment_options(request), context.time_remaining())
-        return convert.segment_response(answer)
+        return convert.segment_response(await self._run(segmentation.TASK, request, convert.segment_options(request), context))
 
     async def Generate(self, request, context):
-        answer = await self.plane.run(
-            generation.TASK, request.model, request.model_version, convert.images_from_proto(request.images),
-            convert.generate_options(request), context.time_remaining())
+        answer = await self._run(generation.TASK, request, convert.generate_options(request), context)
         generation.check_answer_size(answer.results, self.plane.settings.max_receive_message_bytes)
         return convert.generate_response(answer)
 
