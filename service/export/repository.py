@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from google.protobuf import text_format
 
+from ..pipelines import layouts
 from ..spec import MODEL_FILENAME, ModelSpec, TensorSpec
 from . import ExportError, zoo
 from .checkpoints import apply_state_dict, checkpoint_num_classes, load_state_dict, resolve_labels
@@ -57,6 +58,10 @@ def build_spec(arch: zoo.Architecture, name: str, labels: list[str], max_batch_s
     else:
         outputs = tuple(arch.output_specs(len(labels), height, width))
     in_dims = (3, -1, -1) if arch.variable_input_size else (3, height, width)
+    try:
+        arch.layout.parse_options(options)  # a bad --option is refused before anything is built
+    except layouts.BadModelOption as exc:
+        raise ExportError(f"--option: {exc}") from None
     extra = tuple(arch.extra_inputs(options, height, width)) if arch.extra_inputs is not None else ()
     return ModelSpec(
         name=name, task=arch.task, architecture=arch.name,

@@ -201,3 +201,13 @@ def test_from_file(tmp_path, fmt):
     with pytest.raises(ExportError, match=r"outputs shape \[2, 4\]"):
         export_from_file(source, tmp_path / "repo", task="classification", name="bad", input_size=64,
                          labels_file=labels)
+
+
+def test_a_bad_option_is_refused_before_export(tmp_path):
+    """`--option` values are checked against the layout's typed options: one error
+    naming the key and the value, exit code 2 from the CLI."""
+    with pytest.raises(ExportError, match=r"--option: option score_threshold=1.5 is outside \[0, 1\]"):
+        export_model("yolo", tmp_path / "repo", options={"score_threshold": "1.5"}, input_size=64)
+    with pytest.raises(ExportError, match="option proposals='many' is not an integer"):
+        export_model("rcnn", tmp_path / "repo", options={"proposals": "many"})
+    assert not (tmp_path / "repo").exists() or not any((tmp_path / "repo").iterdir())
