@@ -170,3 +170,17 @@ def imports_of(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module:
             out.add(node.module)
     return out
+
+
+@pytest.mark.parametrize("package, forbidden", [
+    ("service.pipelines", ("service.gateway", "service.export", "service.embedded", "service.client")),
+    ("service.ops", ("service.gateway", "service.export", "service.pipelines", "service.spec")),
+    ("service.gateway", ("service.export", "service.embedded", "service.client")),
+    ("service.client", ("service.gateway", "service.export", "service.pipelines")),
+])
+def test_layers_import_only_downward(package, forbidden):
+    """The torch boundary and the request path read from the folders: pipelines and ops
+    know nothing of the transport or the torch side, the gateway nothing of export."""
+    found = [f"{module_name(p)} -> {m}" for p in sources() if module_name(p).startswith(package)
+             for m in imports(p) if m.startswith(forbidden)]
+    assert not found, "\n".join(found)
