@@ -7,6 +7,7 @@ Images are handled as Pillow RGB images (8 bits per channel) until the resize
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -33,9 +34,11 @@ warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImageP
 
 # Pillow formats decoded by libjpeg (MPO: a JPEG followed by more JPEGs; its first is used).
 JPEG_FORMATS = ("JPEG", "MPO")
-# libjpeg warnings that complete files from real cameras and encoders carry: the only
-# ones strict decoding lets through (libjpeg-turbo's jerror.h wording).
-JPEG_BENIGN_WARNINGS = ("extraneous bytes before marker",)
+# The one libjpeg warning that strict decoding lets through: bytes between the last
+# scan and the end marker (0xD9), which complete camera files carry. Before the end
+# marker nothing is left to decode, so it can hide no later fault; the same warning
+# before any other marker (e.g. from a damaged header) refuses the file.
+JPEG_BENIGN_WARNING = re.compile(r"extraneous bytes before marker 0xd9\b")
 
 # 16-bit samples become 8-bit by keeping their high byte, v >> 8 == floor(v / 256): the
 # rule Pillow itself applies to 48/64-bit RGB(A) and 16-bit grey+alpha PNGs, so every
@@ -158,7 +161,7 @@ def _load_jpeg(data: bytes, field: str) -> Image.Image:
 
 def _libjpeg_problem(data: bytes) -> str | None:
     """What libjpeg-turbo, decoding strictly at 1/8 scale, says is wrong with a JPEG's
-    data (None: nothing beyond `JPEG_BENIGN_WARNINGS`). It outputs grey and YCbCr
+    data (None: nothing beyond `JPEG_BENIGN_WARNING`). It outputs grey and YCbCr
     files as RGB, CMYK and YCCK ones only as CMYK, hence the second try."""
     for colorspace in ("RGB", "CMYK"):
         try:
@@ -167,7 +170,7 @@ def _libjpeg_problem(data: bytes) -> str | None:
             return None
         except ValueError as exc:
             message = str(exc)
-            if any(w in message.lower() for w in JPEG_BENIGN_WARNINGS):
+            if JPEG_BENIGN_WARNING.search(message.lower()):
                 return None
             if "color" not in message.lower() or colorspace == "CMYK":
                 return message

@@ -352,3 +352,20 @@ def test_complete_jpeg_with_extraneous_bytes_before_a_marker_is_accepted():
     padded = data[:-2] + b"\x12\x34\x56" + data[-2:]
     decoded = imaging.decode_encoded(padded, "f", MAX_PIXELS)
     np.testing.assert_array_equal(as_array(decoded.image), _pillow(data))
+
+
+def test_cut_jpeg_with_a_damaged_header_is_refused():
+    """A JPEG cut inside its image data whose header also has flipped bits: libjpeg's
+    first complaint is then about the header ("extraneous bytes before marker 0xdb"),
+    which must not let the cut through."""
+    import random
+
+    seed = _jpeg("baseline", max_side=120)
+    rng = random.Random(7)
+    for _ in range(200):
+        data = bytearray(seed)
+        del data[rng.randrange(len(data) // 4, len(data) - 8):]
+        for _ in range(rng.randrange(1, 4)):
+            data[rng.randrange(2, 40)] ^= 1 << rng.randrange(8)
+        with pytest.raises(InvalidArgument):
+            imaging.decode_encoded(bytes(data), "f", MAX_PIXELS)
