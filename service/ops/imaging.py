@@ -111,10 +111,11 @@ def decode_encoded(data: bytes, field: str, max_pixels: int) -> Decoded:
             raise InvalidArgument(
                 field, f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
         if image.format in JPEG_FORMATS:
-            image = _load_jpeg(data, field)
+            orientation = exif_orientation(image)  # APP1 is read with the header
+            image = _load_jpeg(data, field, image.mode)
         else:
-            image.load()
-        orientation = exif_orientation(image)
+            image.load()  # a PNG's eXIf chunk may follow its pixels: EXIF after the load
+            orientation = exif_orientation(image)
         image = to_rgb8(image)
         if orientation in UPRIGHT:
             image = image.transpose(UPRIGHT[orientation])
@@ -130,51 +131,47 @@ def decode_encoded(data: bytes, field: str, max_pixels: int) -> Decoded:
     return Decoded(image)
 
 
-def _load_jpeg(data: bytes, field: str) -> Image.Image:
-    """Decode a JPEG whose scans are all there; its end marker may be missing.
+def _load_jpeg(data: bytes, field: str, mode: str) -> Image.Image:
+    """Decode a JPEG (Pillow `mode` from its header) whose scans are all there; its end
+    marker may be missing.
 
     libjpeg pads a scan that stops early with grey and carries on with a warning that
-    Pillow drops, so a cut file with an end marker put back decodes "fine". Two checks
-    refuse it: the marker structure (`_jpeg.jpeg_body`: the data ends inside or after a
-    scan, and the scans cover the whole image, every coefficient of a progressive one),
-    and libjpeg's own verdict on the scans: simplejpeg (libjpeg-turbo) in strict mode
-    turns its warnings into errors, and a "premature end" one means a scan was cut. That
-    check decodes at the smallest DCT scale (1/8), since only the entropy-coded data
-    matters. The image returned is Pillow's decode of the file up to its end marker,
-    which equals its decode of the whole file when the marker is there.
+    Pillow drops, so a cut file with an end marker put back would decode "fine". Two
+    checks refuse it: the marker structure (`_jpeg.jpeg_body`: the data ends inside or
+    after a scan, and the scans cover the whole image, every coefficient of a
+    progressive one), and libjpeg's own verdict on the scans: simplejpeg (libjpeg-turbo)
+    in strict mode turns its warnings into errors (`JPEG_BENIGN_WARNING` aside).
+
+    Grey and YCbCr files are decoded by that strict pass itself, to RGB: libjpeg-turbo
+    with its default (accurate) IDCT and upsampling, the same pixels as Pillow's decode
+    (`tests/ops/test_imaging.py` holds them equal), in one pass. CMYK and YCCK files,
+    which libjpeg-turbo outputs only as CMYK, are checked at 1/8 scale and decoded by
+    Pillow, whose CMYK to RGB conversion torchvision's loaders use.
     """
     try:
         body = jpeg_body(data)
     except JpegStructureError as exc:
         raise InvalidArgument(field, f"corrupt or truncated image: {exc}") from None
     scans = data[:body.end] + EOI
-    problem = _libjpeg_problem(scans)
-    if problem is not None:
-        what = "its last scan stops early" if body.has_eoi else "it stops inside its image data"
-        if "premature end" not in problem.lower():
+    cmyk = mode == "CMYK"
+    try:
+        if cmyk:
+            simplejpeg.decode_jpeg(scans, fastdct=True, strict=True, min_height=1, min_width=1, colorspace="CMYK")
+        else:
+            return Image.fromarray(simplejpeg.decode_jpeg(scans, strict=True, colorspace="RGB"), mode="RGB")
+    except ValueError as exc:
+        problem = str(exc)
+        if not JPEG_BENIGN_WARNING.search(problem.lower()):
             what = problem
-        raise InvalidArgument(field, f"corrupt or truncated image: JPEG is cut short or damaged ({what})")
+            if "premature end" in problem.lower():
+                what = "its last scan stops early" if body.has_eoi else "it stops inside its image data"
+            raise InvalidArgument(field, f"corrupt or truncated image: JPEG is cut short or damaged ({what})") \
+                from None
+        if not cmyk:  # complete, with bytes before its end marker: the same decode, not strict
+            return Image.fromarray(simplejpeg.decode_jpeg(scans, colorspace="RGB"), mode="RGB")
     image = Image.open(io.BytesIO(scans), formats=("JPEG",))
     image.load()
     return image
-
-
-def _libjpeg_problem(data: bytes) -> str | None:
-    """What libjpeg-turbo, decoding strictly at 1/8 scale, says is wrong with a JPEG's
-    data (None: nothing beyond `JPEG_BENIGN_WARNING`). It outputs grey and YCbCr
-    files as RGB, CMYK and YCCK ones only as CMYK, hence the second try."""
-    for colorspace in ("RGB", "CMYK"):
-        try:
-            simplejpeg.decode_jpeg(data, fastdct=True, strict=True, min_height=1, min_width=1,
-                                   colorspace=colorspace)
-            return None
-        except ValueError as exc:
-            message = str(exc)
-            if JPEG_BENIGN_WARNING.search(message.lower()):
-                return None
-            if "color" not in message.lower() or colorspace == "CMYK":
-                return message
-    return None
 
 
 def exif_orientation(image: Image.Image) -> int:

@@ -369,3 +369,17 @@ def test_cut_jpeg_with_a_damaged_header_is_refused():
             data[rng.randrange(2, 40)] ^= 1 << rng.randrange(8)
         with pytest.raises(InvalidArgument):
             imaging.decode_encoded(bytes(data), "f", MAX_PIXELS)
+
+
+@pytest.mark.parametrize("photo_name", PHOTO_NAMES)
+@pytest.mark.parametrize("quality, subsampling, progressive", [(95, 0, False), (75, 2, False), (85, 1, True)])
+def test_jpeg_pixels_equal_pillows(photo_name, quality, subsampling, progressive):
+    """JPEGs decode to exactly Pillow's pixels (what torchvision's loaders see), grey
+    ones included, whichever libjpeg-turbo build does the work."""
+    image = photo(photo_name, max_side=160)
+    for source in (image, image.convert("L")):
+        buffer = io.BytesIO()
+        source.save(buffer, "JPEG", quality=quality, subsampling=subsampling, progressive=progressive)
+        data = buffer.getvalue()
+        decoded = imaging.decode_encoded(data, "f", MAX_PIXELS)
+        np.testing.assert_array_equal(as_array(decoded.image), as_array(Image.open(io.BytesIO(data)).convert("RGB")))
