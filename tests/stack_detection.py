@@ -34,7 +34,7 @@ def make_yolo_checkpoint(path: Path) -> Path:
 
     from helpers import PHOTO_NAMES, photo
     from service.export import zoo
-    from service.ops.imaging import letterbox
+    from service.ops.resize import letterbox
 
     torch.manual_seed(YOLO_SEED)
     model = zoo.get("yolo").build(80)
