@@ -158,7 +158,12 @@ def export_from_file(
     batch = 1 if fixed_batch else SAMPLE_BATCH
     sample_shape = (batch, 3, *size) if image_layout == "NCHW" else (batch, *size, 3)
     sample = np.random.default_rng(0).normal(size=sample_shape).astype(dtype)
-    in_name, outputs = _run_file(source, fmt, sample, image_layout)
+    try:
+        in_name, outputs = _run_file(source, fmt, sample, image_layout)
+    except ExportError:
+        if sources["input_layout"] == "default":  # nothing said NCHW: was it NHWC?
+            _refuse_if_nhwc(source, fmt, sample)
+        raise
     try:
         described = entry.file_check(outputs, labels, size, batch, source.name)
     except layouts.LayoutError as exc:
@@ -265,6 +270,19 @@ def _input_layout(facts: FileFacts, flag: str | None, source: str) -> tuple[str,
         return "NHWC", "file-shape"
     raise ExportError(f"{source}: input is {facts.shape_text()}, with 3 channels on neither axis 1 (NCHW) nor "
                       "axis 3 (NHWC); convserve feeds 3-channel images")
+
+
+def _refuse_if_nhwc(source: Path, fmt: str, sample: np.ndarray) -> None:
+    """A file of unknown input shape that failed on the NCHW sample: when it runs on
+    the same sample as NHWC, refuse with the flag that fits."""
+    other = np.ascontiguousarray(sample.transpose(0, 2, 3, 1))
+    try:
+        _run_file(source, fmt, other, "NHWC")
+    except ExportError:
+        return
+    shape = ", ".join(str(d) for d in other.shape[1:])
+    raise ExportError(f"{source.name} fails on NCHW input and runs on [N, {shape}], which looks like NHWC: "
+                      "pass --input-layout nhwc")
 
 
 def _input_size(facts: FileFacts, image_layout: str, flag, meta, source: str) -> tuple[tuple[int, int], str]:

@@ -186,3 +186,27 @@ def test_cli_exports_an_ultralytics_file_with_no_flag(files, tmp_path):
                            "--repo", str(repo), "--task", "classification", "--labels", str(labels),
                            "--input-layout", "nchw"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "pass --input-layout nhwc" in done.stderr
+
+
+def test_torchscript_nhwc_file_is_refused_with_the_flag_that_fits(tmp_path):
+    """A TorchScript file says nothing of its input: when it fails on NCHW and runs on
+    NHWC, the refusal names --input-layout nhwc; with the flag it is served NHWC."""
+    import torch
+
+    class ChannelsLast(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x.permute(0, 3, 1, 2)).mean((2, 3))   # [N, H, W, 3] -> [N, 2]
+
+    source = tmp_path / "nhwc.pt"
+    torch.jit.save(torch.jit.script(ChannelsLast().eval()), str(source))
+    labels = tmp_path / "labels.txt"
+    labels.write_text("a\nb\n")
+    with pytest.raises(ExportError, match=r"runs on \[N, 20, 20, 3\], which looks like NHWC: pass --input-layout nhwc"):
+        export_from_file(source, tmp_path / "repo", task="classification", input_size=20, labels_file=labels)
+    spec = export_from_file(source, tmp_path / "repo", task="classification", input_size=20, labels_file=labels,
+                            input_layout="nhwc").spec
+    assert spec.input_layout == "NHWC" and spec.image_input.dims == (20, 20, 3)
