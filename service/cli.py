@@ -39,7 +39,8 @@ def cmd_export(args) -> int:
         if args.from_file:
             # What the file says about itself fills in every flag left out.
             extra = {k: tuple(v) for k, v in (("mean", args.mean), ("std", args.std)) if v}
-            size = args.input_size and (tuple(args.input_size) * 2)[:2]
+            # H W, or one side for a square.
+            size = None if args.input_size is None else (args.input_size[0], args.input_size[-1])
             result = export_from_file(
                 args.from_file, settings.model_repository, task=args.task, name=args.name,
                 input_size=size, labels_file=args.labels, layout=args.layout,
@@ -62,6 +63,8 @@ def cmd_export(args) -> int:
         return 2
     print(f"exported {result.name} version {result.version} to {result.path} "
           f"(max abs diff against eager {result.max_abs_diff:.2e})")
+    if result.spec.sources:  # an imported file: say where each value came from
+        print("  " + ", ".join(f"{key} from {where}" for key, where in result.spec.sources.items()))
     return 0
 
 

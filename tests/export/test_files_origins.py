@@ -180,6 +180,7 @@ def test_cli_exports_an_ultralytics_file_with_no_flag(files, tmp_path):
                            "--repo", str(repo), "--instances", "2"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert config(repo, "best").instance_group[0].count == 2
+    assert "labels from file-metadata" in done.stdout and "batch from file-shape" in done.stdout
     labels = tmp_path / "labels.txt"
     labels.write_text("\n".join(KERAS_LABELS) + "\n")
     done = subprocess.run([sys.executable, "-m", "service.cli", "export", "--from-file", str(files["keras"]),
