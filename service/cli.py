@@ -27,40 +27,44 @@ def cmd_export(args) -> int:
 
     from .export.files import export_from_file
 
-    from .export.repository import export_model
+    from .export.repository import DEFAULT_MAX_BATCH_SIZE, export_model
 
     warnings.simplefilter("always", UserWarning)
     settings = load_settings(model_repository=args.repo)
-    common = dict(version=args.version, version_policy=args.version_policy, max_batch_size=args.max_batch_size,
-                  max_queue_size=args.max_queue_size)
+    common = dict(version=args.version, version_policy=args.version_policy, max_queue_size=args.max_queue_size,
+                  instances=args.instances)
     try:
+        if args.input_size is not None and len(args.input_size) not in (1, 2):
+            raise ExportError(f"--input-size takes H W, or one side for a square, got {args.input_size}")
         if args.from_file:
-            from .export.files import UNLABELLED_TASKS
-
-            required = [("--task", args.task), ("--input-size", args.input_size), ("--name", args.name)]
-            if args.task not in UNLABELLED_TASKS:
-                required.append(("--labels", args.labels))
-            missing = [flag for flag, value in required if value is None]
-            if missing:
-                raise ExportError(f"--from-file also needs {', '.join(missing)}")
+            # What the file says about itself fills in every flag left out.
             extra = {k: tuple(v) for k, v in (("mean", args.mean), ("std", args.std)) if v}
+            # H W, or one side for a square.
+            size = None if args.input_size is None else (args.input_size[0], args.input_size[-1])
             result = export_from_file(
                 args.from_file, settings.model_repository, task=args.task, name=args.name,
-                input_size=args.input_size, labels_file=args.labels, layout=args.layout,
-                resize_mode=args.resize_mode, **extra,
-                **common)
+                input_size=size, labels_file=args.labels, layout=args.layout,
+                resize_mode=args.resize_mode, input_layout=args.input_layout, channel_order=args.channel_order,
+                max_batch_size=args.max_batch_size, **extra, **common)
         else:
             if not args.architecture:
                 raise ExportError("name an architecture, or give --from-file")
+            if args.input_size is not None and len(set(args.input_size)) != 1:
+                raise ExportError(f"zoo architectures take a square --input-size, got {args.input_size}")
             result = export_model(
                 args.architecture, settings.model_repository, name=args.name, weights=args.weights,
                 labels_file=args.labels, num_classes=args.num_classes, fmt=args.format,
-                input_size=args.input_size, seed=args.seed, options=_parse_options(args.option), **common)
+                input_size=args.input_size and args.input_size[0], seed=args.seed,
+                options=_parse_options(args.option),
+                max_batch_size=DEFAULT_MAX_BATCH_SIZE if args.max_batch_size is None else args.max_batch_size,
+                **common)
     except (ExportError, ValueError) as exc:
         print(f"convserve export: error: {exc}", file=sys.stderr)
         return 2
     print(f"exported {result.name} version {result.version} to {result.path} "
           f"(max abs diff against eager {result.max_abs_diff:.2e})")
+    if result.spec.sources:  # an imported file: say where each value came from
+        print("  " + ", ".join(f"{key} from {where}" for key, where in result.spec.sources.items()))
     return 0
 
 
@@ -318,22 +322,28 @@ def build_parser() -> argparse.ArgumentParser:
     repo_flag(p)
     p.add_argument("--weights", type=Path, help="checkpoint: .pth/.pt state_dict or .safetensors")
     p.add_argument("--format", choices=("torchscript", "onnx", "tensorrt"), default="torchscript")
-    p.add_argument("--name", help="entry name (default: the architecture, plus _onnx/_trt for those formats)")
+    p.add_argument("--name", help="entry name (default: the architecture, plus _onnx/_trt for those formats; "
+                   "with --from-file, the file's stem)")
     p.add_argument("--labels", type=Path, help="labels file, one name per line")
     p.add_argument("--num-classes", type=int)
     p.add_argument("--version", type=int, default=1, help="version directory to write; others are kept")
     p.add_argument("--version-policy", choices=("latest", "all"), default="latest",
                    help="serve only the newest version, or all of them side by side")
-    p.add_argument("--input-size", type=int, help="square input size (default: the architecture's)")
-    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--input-size", type=int, nargs="+", metavar="H [W]",
+                   help="input size: H W, or one side for a square (default: the architecture's, or the file's)")
+    p.add_argument("--max-batch-size", type=int,
+                   help="images per Triton call (default 8; a file whose batch is fixed at 1 takes one per call)")
+    p.add_argument("--instances", type=int, default=1,
+                   help="copies of the model Triton runs side by side (its instance group count)")
     p.add_argument("--max-queue-size", type=int, default=0,
                    help="Triton refuses requests past this queue length (0: unbounded)")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights when --weights is absent")
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="model option stored in the spec, e.g. proposals=100 (repeatable)")
-    p.add_argument("--from-file", type=Path, help="an exported TorchScript .pt or .onnx file to add as it is")
+    p.add_argument("--from-file", type=Path, help="an exported TorchScript .pt or .onnx file to add as it is; "
+                   "what its ONNX input shape and metadata (Ultralytics') say fills in the flags left out")
     p.add_argument("--task", help="with --from-file: the model's task (classification, detection, "
-                   "semantic_segmentation, instance_segmentation, generation)")
+                   "semantic_segmentation, instance_segmentation, generation; default: the file's metadata)")
     p.add_argument("--layout", help="with --from-file: the output layout (classification: logits or "
                    "probabilities; detection: yolov8 or yolov5; generation: image_nchw_tanh (default) or "
                    "image_nchw_01)")
@@ -343,6 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --from-file: per-channel std (0-1 scale; default ImageNet's, 0.5 for generation)")
     p.add_argument("--resize-mode", choices=("resize_center_crop", "letterbox", "stretch", "none"),
                    help="with --from-file: how images are brought to the input size")
+    p.add_argument("--input-layout", choices=("nchw", "nhwc"),
+                   help="with --from-file: channels first or last (default: read from the file's input shape)")
+    p.add_argument("--channel-order", choices=("rgb", "bgr"),
+                   help="with --from-file: the channel order the model was trained on (default rgb; "
+                   "OpenCV/Caffe models are bgr)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("triton", help="run the embedded Triton server (CPU profile)")

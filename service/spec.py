@@ -29,6 +29,9 @@ TASKS = (
     "generation",
 )
 FORMATS = ("torchscript", "onnx", "tensorrt")
+# How the image input lays out its axes after the item axis: channels first (what the
+# zoo exports) or last (Keras / TensorFlow exports).
+INPUT_LAYOUTS = ("NCHW", "NHWC")
 
 # Triton's config data types <-> numpy dtypes.
 _TYPE_TO_NP = {
@@ -65,7 +68,8 @@ class TensorSpec:
     dims: tuple[int, ...]
 
     def to_config_fields(self) -> dict:
-        return {"name": self.name, "data_type": triton_type(self.dtype), "dims": list(self.dims)}
+        """Name and data type; dims are the spec's to write (`ModelSpec.config_dims`)."""
+        return {"name": self.name, "data_type": triton_type(self.dtype)}
 
 
 def triton_type(dtype) -> int:
@@ -84,9 +88,15 @@ def triton_datatype_name(dtype) -> str:
 class ModelSpec:
     """Everything the gateway needs to feed a model and read its answer.
 
-    Images enter as `inputs[0]`, NCHW with C=3 in `channel_order`. When that input is
-    uint8, the model normalizes inside itself; when it is floating point, the gateway
-    feeds ``(pixel / 255 - mean) / std``.
+    Images enter as `inputs[0]`, with C=3 in `channel_order`, channels first (dims
+    [3, H, W]) or last ([H, W, 3]) as `input_layout` says. When that input is uint8,
+    the model normalizes inside itself; when it is floating point (float32 or float16),
+    the gateway feeds ``(pixel / 255 - mean) / std`` in that dtype.
+
+    Tensor dims here are always per item. `fixed_batch` 1 marks a model file whose
+    batch axis is fixed at 1: its Triton entry has ``max_batch_size: 0`` and that axis
+    written in every tensor's dims (`to_model_config` adds it, `from_model_config`
+    strips it), and the gateway sends it one item per call.
     """
 
     name: str
@@ -105,6 +115,13 @@ class ModelSpec:
     labels: tuple[str, ...] = ()
     # Task-specific options (thresholds, default top-k, ...), all strings.
     options: dict[str, str] = field(default_factory=dict)
+    input_layout: str = "NCHW"
+    # 0: Triton batches along a leading axis (up to max_batch_size); 1: the model's
+    # batch axis is fixed at 1 and max_batch_size is 0 (see the class docstring).
+    fixed_batch: int = 0
+    # Where imported values came from, e.g. {"labels": "file-metadata"} or
+    # {"labels": "--labels"}: a record for operators, never read to serve.
+    sources: dict[str, str] = field(default_factory=dict)
     # Filled in by the gateway from Triton; not part of the exported config.
     version_policy: str = "latest"
 
@@ -117,8 +134,18 @@ class ModelSpec:
             raise ValueError(f"channel_order must be RGB or BGR, got {self.channel_order!r}")
         if not self.inputs or not self.outputs:
             raise ValueError("a model spec needs at least one input and one output")
-        if len(self.image_input.dims) != 3 or self.image_input.dims[0] != 3:
-            raise ValueError(f"image input must be [3, H, W], got {list(self.image_input.dims)}")
+        if self.input_layout not in INPUT_LAYOUTS:
+            raise ValueError(f"input_layout must be one of {INPUT_LAYOUTS}, got {self.input_layout!r}")
+        dims = self.image_input.dims
+        if len(dims) != 3 or dims[self._channel_axis] != 3:
+            want = "[3, H, W]" if self.input_layout == "NCHW" else "[H, W, 3]"
+            raise ValueError(f"image input of a {self.input_layout} model must be {want}, got {list(dims)}")
+        if self.fixed_batch not in (0, 1):
+            raise ValueError(f"fixed_batch must be 0 (batched by Triton) or 1, got {self.fixed_batch}")
+        if (self.max_batch_size == 0) != (self.fixed_batch == 1) or self.max_batch_size < 0:
+            raise ValueError(f"max_batch_size {self.max_batch_size} with fixed_batch {self.fixed_batch}: a model "
+                             "without Triton batching (max_batch_size 0) is one whose batch axis is fixed at 1 "
+                             "(fixed_batch 1), and only it")
 
     # --- derived views
     @property
@@ -126,12 +153,21 @@ class ModelSpec:
         return self.inputs[0]
 
     @property
+    def _channel_axis(self) -> int:
+        return 0 if self.input_layout == "NCHW" else 2
+
+    @property
     def input_height(self) -> int:
-        return self.image_input.dims[1]
+        return self.image_input.dims[1 if self.input_layout == "NCHW" else 0]
 
     @property
     def input_width(self) -> int:
-        return self.image_input.dims[2]
+        return self.image_input.dims[2 if self.input_layout == "NCHW" else 1]
+
+    @property
+    def items_per_call(self) -> int:
+        """The most items one Triton call carries: the fixed batch, or max_batch_size."""
+        return self.fixed_batch or self.max_batch_size
 
     @property
     def normalize_in_model(self) -> bool:
@@ -162,12 +198,20 @@ class ModelSpec:
             "mean": ",".join(repr(float(v)) for v in self.mean),
             "std": ",".join(repr(float(v)) for v in self.std),
             "channel_order": self.channel_order,
-            "input_layout": "NCHW",
+            "input_layout": self.input_layout,
             "output_layout": self.output_layout,
             "labels": json.dumps(list(self.labels)),
         }
+        if self.fixed_batch:
+            params["fixed_batch"] = str(self.fixed_batch)
         params.update({f"option.{k}": str(v) for k, v in self.options.items()})
+        params.update({f"source.{k}": str(v) for k, v in self.sources.items()})
         return {PARAM_PREFIX + key: value for key, value in params.items()}
+
+    def config_dims(self, tensor: TensorSpec) -> list[int]:
+        """A tensor's dims as Triton's config holds them: with the fixed batch first
+        when the model has one."""
+        return [self.fixed_batch, *tensor.dims] if self.fixed_batch else list(tensor.dims)
 
     def to_model_config(
         self,
@@ -197,7 +241,7 @@ class ModelSpec:
             for tensor in self.inputs:
                 warmup.inputs[tensor.name].CopyFrom(
                     mc.ModelWarmup.Input(data_type=triton_type(tensor.dtype), dims=[
-                        d if d > 0 else 64 for d in tensor.dims], zero_data=True))
+                        d if d > 0 else 64 for d in self.config_dims(tensor)], zero_data=True))
         elif profile == "cpu":
             if fmt not in CPU_BACKEND:
                 raise ValueError(f"format {fmt!r} has no CPU profile")
@@ -218,9 +262,9 @@ class ModelSpec:
         else:
             config.version_policy.latest.num_versions = 1
         for tensor in self.inputs:
-            config.input.add(**tensor.to_config_fields())
+            config.input.add(**tensor.to_config_fields(), dims=self.config_dims(tensor))
         for i, tensor in enumerate(self.outputs):
-            out = config.output.add(**tensor.to_config_fields())
+            out = config.output.add(**tensor.to_config_fields(), dims=self.config_dims(tensor))
             if i == 0 and labels_file and self.task == "classification":
                 out.label_filename = labels_file
         for key, value in self.parameters().items():
@@ -240,11 +284,19 @@ class ModelSpec:
         if "task" not in params:
             raise ValueError(f"model {config.name!r} has no {PARAM_PREFIX}task parameter")
 
+        fixed_batch = int(params.get("fixed_batch") or 0)
+
         def tensors(items: Iterable) -> tuple[TensorSpec, ...]:
-            return tuple(
-                TensorSpec(t.name, np.dtype(_TYPE_TO_NP[t.data_type]), tuple(int(d) for d in t.dims))
-                for t in items
-            )
+            out = []
+            for t in items:
+                dims = tuple(int(d) for d in t.dims)
+                if fixed_batch:
+                    if dims[:1] != (fixed_batch,):
+                        raise ValueError(f"model {config.name!r}: tensor {t.name} has dims {list(dims)}, "
+                                         f"not led by its fixed batch {fixed_batch}")
+                    dims = dims[1:]
+                out.append(TensorSpec(t.name, np.dtype(_TYPE_TO_NP[t.data_type]), dims))
+            return tuple(out)
 
         def floats(text: str, default):
             return tuple(float(v) for v in text.split(",")) if text else default
@@ -265,5 +317,8 @@ class ModelSpec:
             output_layout=params.get("output_layout", "logits"),
             labels=tuple(json.loads(params.get("labels") or "[]")),
             options={k[len("option."):]: v for k, v in params.items() if k.startswith("option.")},
+            input_layout=params.get("input_layout") or "NCHW",
+            fixed_batch=fixed_batch,
+            sources={k[len("source."):]: v for k, v in params.items() if k.startswith("source.")},
             version_policy=policy,
         )

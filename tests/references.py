@@ -131,6 +131,21 @@ def ultralytics_letterbox(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray
     return cv2.copyMakeBorder(img, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(114, 114, 114))
 
 
+def ultralytics_classify_transforms(image, size: int) -> np.ndarray:
+    """Ultralytics' classify_transforms(size) with its defaults (crop_fraction 1, mean 0,
+    std 1), written out for a PIL RGB image: torchvision Resize(size) of the shorter
+    side (PIL bilinear, the longer side rounded down), CenterCrop(size), ToTensor.
+    Returns float32 [1, 3, size, size] in [0, 1]."""
+    from PIL import Image
+
+    w, h = image.size
+    new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    resized = image.resize(new, Image.BILINEAR)
+    top, left = int(round((new[1] - size) / 2.0)), int(round((new[0] - size) / 2.0))
+    crop = resized.crop((left, top, left + size, top + size))
+    return (np.asarray(crop, np.float32) / 255).transpose(2, 0, 1)[None]
+
+
 def slow_iou(a, b) -> float:
     iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))

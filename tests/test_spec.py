@@ -37,7 +37,39 @@ def test_foreign_config_is_rejected():
 
 
 @pytest.mark.parametrize("bad", [dict(task="poetry"), dict(resize_mode="zoom"), dict(channel_order="GBR"),
-                                 dict(inputs=(TensorSpec("x", np.dtype(np.uint8), (1, 8, 8)),))])
+                                 dict(inputs=(TensorSpec("x", np.dtype(np.uint8), (1, 8, 8)),)),
+                                 dict(input_layout="NHWC"), dict(input_layout="CHWN"),
+                                 dict(max_batch_size=0), dict(fixed_batch=1), dict(fixed_batch=2, max_batch_size=0)])
 def test_invalid_specs_fail_fast(bad):
     with pytest.raises(ValueError):
         sample_spec(**bad)
+
+
+@pytest.mark.parametrize("profile", ["production", "cpu"])
+def test_fixed_batch_nhwc_half_spec_round_trips_with_the_batch_in_config_dims(profile):
+    """A file whose batch is fixed at 1: Triton sees max_batch_size 0 and the batch in
+    every tensor's dims (warm-up included); the gateway's spec keeps per-item dims."""
+    spec = sample_spec(inputs=(TensorSpec("input_1", np.dtype(np.float16), (24, 32, 3)),), input_layout="NHWC",
+                       max_batch_size=0, fixed_batch=1, sources={"labels": "file-metadata", "batch": "file-shape"})
+    assert (spec.input_height, spec.input_width, spec.items_per_call) == (24, 32, 1)
+    config = spec.to_model_config(profile, "onnx")
+    assert config.max_batch_size == 0 and not config.HasField("dynamic_batching")
+    assert list(config.input[0].dims) == [1, 24, 32, 3] and list(config.output[0].dims) == [1, 3]
+    assert config.parameters["convserve.fixed_batch"].string_value == "1"
+    assert config.parameters["convserve.input_layout"].string_value == "NHWC"
+    assert config.parameters["convserve.source.labels"].string_value == "file-metadata"
+    if profile == "production":
+        assert list(config.model_warmup[0].inputs["input_1"].dims) == [1, 24, 32, 3]
+    parsed = text_format.Parse(text_format.MessageToString(config), mc.ModelConfig())
+    assert ModelSpec.from_model_config(parsed) == spec
+    # A config whose dims do not lead with the fixed batch is not a convserve spec.
+    del parsed.input[0].dims[0]
+    with pytest.raises(ValueError, match="not led by its fixed batch 1"):
+        ModelSpec.from_model_config(parsed)
+
+
+def test_batched_spec_config_is_unchanged_by_the_new_fields():
+    config = sample_spec().to_model_config("cpu")
+    assert config.max_batch_size == 4 and list(config.input[0].dims) == [3, 224, 224]
+    assert "convserve.fixed_batch" not in config.parameters
+    assert not any(key.startswith("convserve.source.") for key in config.parameters)

@@ -93,6 +93,7 @@ def export_model(
     max_queue_size: int = 0,
     seed: int = 0,
     options: dict[str, str] | None = None,
+    instances: int = 1,
 ) -> ExportResult:
     """Export zoo architecture `arch_name` (+ checkpoint) as entry `name`, version `version`;
     `options` override the architecture's spec options (e.g. ``--option proposals=50``)."""
@@ -125,7 +126,7 @@ def export_model(
         return write_model_file(fmt, wrapped, inputs, expected, path, spec)
 
     path, diff = write_entry(repo, spec, fmt, version, write, version_policy=version_policy,
-                             max_queue_size=max_queue_size)
+                             max_queue_size=max_queue_size, instance_count=instances)
     log.info("exported", extra={"model": name, "path": str(path), "version": version, "format": fmt})
     return ExportResult(name, path, version, spec, diff)
 
@@ -153,12 +154,16 @@ def example_inputs(spec: ModelSpec, arch: zoo.Architecture, seed: int, batch: in
 
 
 def write_entry(repo: Path, spec: ModelSpec, fmt: str, version: int, write_model: Callable[[Path], float],
-                *, version_policy: str = "latest", max_queue_size: int = 0) -> tuple[Path, float]:
+                *, version_policy: str = "latest", max_queue_size: int = 0,
+                instance_count: int = 1) -> tuple[Path, float]:
     """Write (or update) `<repo>/<name>`: `<version>/model.*`, both configs and labels.
 
     The model file is written and checked in a temporary directory first and renamed
     into place, so Triton never sees a half-written model. Other versions stay. An
-    entry holds one format: adding a version in another format is refused."""
+    entry holds one format: adding a version in another format is refused.
+    `instance_count` copies of the model run side by side (Triton's instance group)."""
+    if instance_count < 1:
+        raise ExportError(f"--instances must be at least 1, got {instance_count}")
     entry = Path(repo) / spec.name
     existing = {p.name for p in entry.glob("[0-9]*/model.*")} if entry.exists() else set()
     if existing and MODEL_FILENAME[fmt] not in existing:
@@ -181,7 +186,7 @@ def write_entry(repo: Path, spec: ModelSpec, fmt: str, version: int, write_model
         profiles.append(("cpu", entry / "configs" / "cpu.pbtxt"))
     for profile, path in profiles:
         config = spec.to_model_config(profile, fmt, labels_file=LABELS_FILE, version_policy=version_policy,
-                                      max_queue_size=max_queue_size)
+                                      max_queue_size=max_queue_size, instance_count=instance_count)
         path.write_text(f"# Written by convserve export ({profile} profile). Regenerate, don't edit.\n"
                         + text_format.MessageToString(config))
     return entry, diff

@@ -103,10 +103,12 @@ class DataPlane:
     ) -> tuple[list[Tensors], str]:
         """Run every image's items through the model and return each image's outputs.
 
-        The batching plan is `batch_plan`; all calls run concurrently and the outputs
-        are split back per image, in order."""
+        The batching plan is `batch_plan`, in calls of at most `spec.items_per_call`
+        items: one item per call for a model whose batch axis is fixed at 1 (each
+        call's leading axis of 1 is then the batch in the model's dims). All calls run
+        concurrently and the outputs are split back per image, in order."""
         batches = batch_plan([len(next(iter(t.values()))) for t in per_image],
-                             [_shape_key(t) for t in per_image], spec.max_batch_size)
+                             [_shape_key(t) for t in per_image], spec.items_per_call)
         calls = []
         for batch in batches:
             # A call of one image's items (the common request) is sent as it is, without a copy.
@@ -254,20 +256,20 @@ def _shape_key(tensors: Tensors) -> tuple:
     return tuple((name, a.shape[1:], a.dtype.str) for name, a in sorted(tensors.items()))
 
 
-def batch_plan(counts: Sequence[int], shapes: Sequence, max_batch_size: int) -> list[Batch]:
+def batch_plan(counts: Sequence[int], shapes: Sequence, items_per_call: int) -> list[Batch]:
     """How the items of several images go to Triton: images whose inputs have equal
     per-item shapes (`shapes`, any hashable key) form a group, in order of first
     appearance; a group's items (image i has `counts[i]`) are concatenated in image
-    order and cut into calls of at most `max_batch_size` items (a model without
-    batching, max_batch_size 0, takes each group in one call)."""
+    order and cut into calls of at most `items_per_call` items (1 for a model whose
+    batch axis is fixed at 1: one call per item)."""
+    if items_per_call < 1:
+        raise ValueError(f"items_per_call must be at least 1, got {items_per_call}")
     groups: dict = {}
     for i, key in enumerate(shapes):
         groups.setdefault(key, []).append(i)
     batches = []
     for members in groups.values():
-        total = sum(counts[i] for i in members)
-        step = max_batch_size if max_batch_size > 0 else max(total, 1)
-        parts, room = [], step
+        parts, room = [], items_per_call
         for i in members:
             lo = 0
             while lo < counts[i]:
@@ -277,7 +279,7 @@ def batch_plan(counts: Sequence[int], shapes: Sequence, max_batch_size: int) -> 
                 room -= take
                 if room == 0:
                     batches.append(Batch(tuple(parts)))
-                    parts, room = [], step
+                    parts, room = [], items_per_call
         if parts:
             batches.append(Batch(tuple(parts)))
     return batches

@@ -200,8 +200,14 @@ class TritonModels:
             raise map_triton_error(exc, spec.name) from None
         except asyncio.CancelledError:
             raise
-        outputs = {t.name: result.as_numpy(t.name) for t in spec.outputs}
+        outputs = {t.name: _widen(result.as_numpy(t.name)) for t in spec.outputs}
         return outputs, result.get_response().model_version
+
+
+def _widen(array: np.ndarray) -> np.ndarray:
+    """Half-precision outputs (float16 model files) as float32, so every decoder
+    computes boxes and scores at one precision; other arrays as they are."""
+    return array.astype(np.float32) if array.dtype == np.float16 else array
 
 
 def _version_key(version: str):

@@ -5,8 +5,9 @@ A task turns one decoded image into the model's input tensors plus a `Context`, 
 the model's outputs for that image plus the same `Context` back into a result. The
 context goes from `preprocess` to `postprocess` directly, never through Triton. The
 data plane does everything in between, the same way for every task: decoding and
-preprocessing in threads, grouping items of equal shape into Triton batches of at most
-`max_batch_size`, running the chunks concurrently, and splitting outputs back per image.
+preprocessing in threads, grouping items of equal shape into Triton calls of at most
+`spec.items_per_call` items (max_batch_size, or 1 for a model whose batch is fixed at
+1), running the calls concurrently, and splitting outputs back per image.
 """
 from __future__ import annotations
 
@@ -104,13 +105,17 @@ def timed(model: str, stage: str) -> ContextManager:
 def model_inputs(spec: ModelSpec, images: np.ndarray, *extra: np.ndarray) -> Tensors:
     """The model's inputs from uint8 images [n, 3, H, W] (RGB) and the inputs after the
     image, in the spec's order: images in the model's channel order, and normalized,
-    ``(x / 255 - mean) / std`` in the input's float dtype, unless the model takes uint8
-    (it normalizes itself)."""
+    ``(x / 255 - mean) / std`` in the input's float dtype (float32 or float16), unless
+    the model takes uint8 (it normalizes itself); [n, H, W, 3] for NHWC models."""
     image = spec.image_input
     if not spec.normalize_in_model:
         images = normalize(images, spec.mean, spec.std).astype(image.dtype, copy=False)
     if spec.channel_order == "BGR":
-        images = np.ascontiguousarray(images[:, ::-1])
+        images = images[:, ::-1]
+    if spec.input_layout == "NHWC":
+        images = images.transpose(0, 2, 3, 1)
+    if not images.flags.c_contiguous:
+        images = np.ascontiguousarray(images)
     return {image.name: images, **{t.name: a for t, a in zip(spec.inputs[1:], extra)}}
 
 

@@ -191,7 +191,9 @@ class Layout:
     """One output format. ``tasks`` are the spec tasks it serves; ``inputs`` and
     ``outputs`` its tensor contract (inputs: only those the format names); ``options``
     its typed options; ``file_check`` the `--from-file` validator (None: files of this
-    format cannot be imported)."""
+    format cannot be imported): ``check(outputs, labels, size, batch, source)`` takes
+    the file's [(name, array)] outputs on a sample of `batch` images of `size`
+    (height, width) and returns `FileOutputs`, or raises LayoutError naming `source`."""
 
     name: str
     tasks: tuple[str, ...]
@@ -289,13 +291,21 @@ MAX_INPUT_SIDE = Option("max_input_side", int, 0, 0, None,
                         doc="downscale images whose longer side exceeds this before sending (0: never)")
 
 
-def _classifier_check(outputs, labels, input_size, layout, source) -> "FileOutputs":
+def _images(batch: int) -> str:
+    return "1 image" if batch == 1 else f"{batch} images"
+
+
+def _classifier_check(outputs, labels, size, batch, source) -> "FileOutputs":
     name, out = outputs[0]
-    if out.shape != (2, len(labels)):
-        raise LayoutError(f"{source} outputs shape {list(out.shape)} for 2 images; "
-                          f"{len(labels)} labels need [2, {len(labels)}]")
+    if out.shape != (batch, len(labels)):
+        raise LayoutError(f"{source} outputs shape {list(out.shape)} for {_images(batch)}; "
+                          f"{len(labels)} labels need [{batch}, {len(labels)}]")
+    if size[0] != size[1]:
+        # torchvision's preset is square; a non-square input is stretched to, as
+        # Keras' image_dataset_from_directory (crop_to_aspect_ratio=False) does.
+        return FileOutputs((Tensor(name, np.dtype(np.float32), (len(labels),)),), "stretch")
     return FileOutputs((Tensor(name, np.dtype(np.float32), (len(labels),)),), "resize_center_crop",
-                       round(input_size * RESIZE_RATIO))
+                       round(size[0] * RESIZE_RATIO))
 
 
 # torchvision's classification preset: Resize(256) then CenterCrop(224).
@@ -304,13 +314,14 @@ RESIZE_RATIO = 256 / 224
 
 def _yolo_check(layout: str):
     extra = 4 if layout == "yolov8" else 5
-    shape = "[2, 4 + C, A]" if layout == "yolov8" else "[2, A, 5 + C]"
 
-    def check(outputs, labels, input_size, _layout, source) -> "FileOutputs":
+    def check(outputs, labels, size, batch, source) -> "FileOutputs":
         name, out = outputs[0]
         c = len(labels)
-        if out.ndim != 3 or out.shape[0] != 2:
-            raise LayoutError(f"{source} outputs shape {list(out.shape)} for 2 images; layout {layout} needs {shape}")
+        if out.ndim != 3 or out.shape[0] != batch:
+            shape = f"[{batch}, 4 + C, A]" if layout == "yolov8" else f"[{batch}, A, 5 + C]"
+            raise LayoutError(f"{source} outputs shape {list(out.shape)} for {_images(batch)}; "
+                              f"layout {layout} needs {shape}")
         rows = out.shape[1] if layout == "yolov8" else out.shape[2]
         if rows != extra + c:
             raise LayoutError(f"{source} outputs shape {list(out.shape)}: layout {layout} with {c} labels needs "
@@ -323,25 +334,25 @@ def _yolo_check(layout: str):
     return check
 
 
-def _semantic_check(outputs, labels, input_size, layout, source) -> "FileOutputs":
+def _semantic_check(outputs, labels, size, batch, source) -> "FileOutputs":
     name, out = outputs[0]
-    want = (2, len(labels), input_size, input_size)
+    want = (batch, len(labels), *size)
     if out.shape != want:
-        raise LayoutError(f"{source} outputs shape {list(out.shape)} for 2 images of {input_size}x{input_size}; "
+        raise LayoutError(f"{source} outputs shape {list(out.shape)} for {_images(batch)} of {size[1]}x{size[0]}; "
                           f"semantic segmentation with {len(labels)} labels needs {list(want)}")
     return FileOutputs((Tensor(name, np.dtype(np.float32), want[1:]),), "stretch")
 
 
-def _generator_check(outputs, labels, input_size, layout, source) -> "FileOutputs":
+def _generator_check(outputs, labels, size, batch, source) -> "FileOutputs":
     name, out = outputs[0]
-    if out.shape != (2, 3, input_size, input_size):
-        raise LayoutError(f"{source} outputs shape {list(out.shape)} for 2 images of {input_size}x{input_size}; "
-                          f"a generator needs [2, 3, {input_size}, {input_size}] (the input's size)")
-    return FileOutputs((Tensor(name, np.dtype(np.float32), (3, input_size, input_size)),), "stretch",
+    if out.shape != (batch, 3, *size):
+        raise LayoutError(f"{source} outputs shape {list(out.shape)} for {_images(batch)} of {size[1]}x{size[0]}; "
+                          f"a generator needs [{batch}, 3, {size[0]}, {size[1]}] (the input's size)")
+    return FileOutputs((Tensor(name, np.dtype(np.float32), (3, *size)),), "stretch",
                        mean=GAN_MEAN, std=GAN_STD)
 
 
-def _candidates_check(outputs, labels, input_size, layout, source) -> "FileOutputs":
+def _candidates_check(outputs, labels, size, batch, source) -> "FileOutputs":
     contract = LAYOUTS["rcnn_candidates"].outputs
     by_name = dict(outputs)
     if all(t.name in by_name for t in contract):

@@ -2,8 +2,10 @@
 
 Triton hands `execute` the requests of one dynamic batch. Requests whose inputs have
 the same per-item shapes are concatenated and run in one forward pass; the outputs are
-split back per request. A failure answers every request of that group with an error,
-and the model keeps serving.
+split back per request. A model without Triton batching (``max_batch_size: 0``: its
+batch axis, fixed at 1, is part of its dims) runs each request alone, its arrays as
+they came, batch axis included, and answers the outputs whole. A failure answers every
+request of that group with an error, and the model keeps serving.
 """
 from __future__ import annotations
 
