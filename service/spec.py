@@ -16,7 +16,7 @@ from typing import Iterable
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
-from .ops.resize import RESIZE_MODES
+from .ops.resize import RESAMPLE_FILTERS, RESIZE_MODES
 from .pipelines import layouts
 
 PARAM_PREFIX = "convserve."
@@ -98,6 +98,9 @@ class ModelSpec:
     resize_mode: str = "resize_center_crop"
     # For resize_center_crop: the shorter side is resized to this before the crop.
     resize_size: int = 0
+    # The resize filter (torchvision's InterpolationMode name) of resize_center_crop and
+    # stretch: what the weights' own preset uses. Configs without it mean bilinear.
+    interpolation: str = "bilinear"
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     channel_order: str = "RGB"
@@ -113,6 +116,8 @@ class ModelSpec:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        if self.interpolation not in RESAMPLE_FILTERS:
+            raise ValueError(f"interpolation must be one of {tuple(RESAMPLE_FILTERS)}, got {self.interpolation!r}")
         if self.channel_order not in ("RGB", "BGR"):
             raise ValueError(f"channel_order must be RGB or BGR, got {self.channel_order!r}")
         if not self.inputs or not self.outputs:
@@ -159,6 +164,7 @@ class ModelSpec:
             "architecture": self.architecture,
             "resize_mode": self.resize_mode,
             "resize_size": str(self.resize_size),
+            "interpolation": self.interpolation,
             "mean": ",".join(repr(float(v)) for v in self.mean),
             "std": ",".join(repr(float(v)) for v in self.std),
             "channel_order": self.channel_order,
@@ -259,6 +265,7 @@ class ModelSpec:
             max_batch_size=config.max_batch_size,
             resize_mode=params.get("resize_mode", "resize_center_crop"),
             resize_size=int(params.get("resize_size") or 0),
+            interpolation=params.get("interpolation") or "bilinear",
             mean=floats(params.get("mean", ""), (0.0, 0.0, 0.0)),
             std=floats(params.get("std", ""), (1.0, 1.0, 1.0)),
             channel_order=params.get("channel_order", "RGB"),
