@@ -316,7 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export an architecture (+ checkpoint), or a model file, into the repository")
     p.add_argument("architecture", nargs="?", help="zoo architecture, e.g. resnet18 (omit with --from-file)")
     repo_flag(p)
-    p.add_argument("--weights", type=Path, help="checkpoint: .pth/.pt state_dict or .safetensors")
+    p.add_argument("--weights", help="checkpoint (.pth/.pt state_dict or .safetensors), or the name of weights "
+                   "published for the architecture: DEFAULT or torchvision's enum name (IMAGENET1K_V1, ...), "
+                   "a pix2pix/CycleGAN model (horse2zebra, ...); fetched once into torch.hub's cache")
     p.add_argument("--format", choices=("torchscript", "onnx", "tensorrt"), default="torchscript")
     p.add_argument("--name", help="entry name (default: the architecture, plus _onnx/_trt for those formats)")
     p.add_argument("--labels", type=Path, help="labels file, one name per line")

@@ -3,6 +3,7 @@ a model (missing, unexpected and wrong-shape tensors are one error); labels."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -87,8 +88,11 @@ def checkpoint_num_classes(state: dict, arch: zoo.Architecture) -> int | None:
 
 
 def resolve_labels(default_resource: str | None, default_count: int, labels_file: Path | None,
-                   num_classes: int | None, checkpoint_classes: int | None) -> list[str]:
-    """Labels for the entry; the labels file, --num-classes and the checkpoint must agree."""
+                   num_classes: int | None, checkpoint_classes: int | None,
+                   default_labels: Sequence[str] | None = None) -> list[str]:
+    """Labels for the entry; the labels file, --num-classes and the checkpoint must agree.
+    Without a labels file: `default_labels` (published weights' categories), else the
+    `default_resource` file, where their count fits; else ``class_<i>``."""
     labels = read_labels_file(labels_file) if labels_file is not None else None
     counts = {"the labels file has": len(labels) if labels is not None else None,
               "--num-classes is": num_classes, "the checkpoint has": checkpoint_classes}
@@ -97,7 +101,8 @@ def resolve_labels(default_resource: str | None, default_count: int, labels_file
         raise ExportError("class counts disagree: " + ", ".join(f"{k} {v}" for k, v in given.items()))
     n = next(iter(given.values()), default_count)
     if labels is None:
-        default = zoo.read_labels(default_resource) if default_resource else []
+        default = (list(default_labels) if default_labels is not None
+                   else zoo.read_labels(default_resource) if default_resource else [])
         labels = default if len(default) == n else [f"class_{i}" for i in range(n)]
     return labels
 

@@ -3,6 +3,7 @@ options) and the writer of `<repo>/<name>/` (model file, both configs, labels).
 `export_model` ties a zoo architecture, a checkpoint and a format together."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -17,7 +18,7 @@ import torch
 from google.protobuf import text_format
 
 from ..spec import MODEL_FILENAME, ModelSpec, TensorSpec
-from . import ExportError, zoo
+from . import ExportError, hub, zoo
 from .checkpoints import apply_state_dict, checkpoint_num_classes, load_state_dict, resolve_labels
 from .formats import write_model_file
 
@@ -63,8 +64,8 @@ def build_spec(arch: zoo.Architecture, name: str, labels: list[str], max_batch_s
         inputs=(TensorSpec(arch.input_name, np.dtype(np.uint8), in_dims), *extra),
         outputs=outputs,
         max_batch_size=max_batch_size, resize_mode=arch.resize_mode, resize_size=resize_size,
-        mean=arch.mean, std=arch.std, output_layout=arch.output_layout, labels=tuple(labels),
-        options=options,
+        interpolation=arch.interpolation, mean=arch.mean, std=arch.std, output_layout=arch.output_layout,
+        labels=tuple(labels), options=options,
     )
 
 
@@ -77,7 +78,7 @@ def export_model(
     repo: Path,
     *,
     name: str | None = None,
-    weights: Path | None = None,
+    weights: Path | str | None = None,
     labels_file: Path | None = None,
     num_classes: int | None = None,
     fmt: str = "torchscript",
@@ -90,15 +91,28 @@ def export_model(
     options: dict[str, str] | None = None,
 ) -> ExportResult:
     """Export zoo architecture `arch_name` (+ checkpoint) as entry `name`, version `version`;
-    `options` override the architecture's spec options (e.g. ``--option proposals=50``)."""
+    `options` override the architecture's spec options (e.g. ``--option proposals=50``).
+
+    `weights` is a checkpoint file, or (a str) the name of weights published for the
+    architecture (``DEFAULT``, ``IMAGENET1K_V2``, ``horse2zebra``): those are fetched
+    into torch.hub's cache (`hub.fetch`) and bring their own preprocessing preset and
+    labels."""
     arch = zoo.get(arch_name)
     if fmt not in NAME_SUFFIX:
         raise ExportError(f"format must be one of {', '.join(NAME_SUFFIX)}, got {fmt!r}")
     name = name or default_name(arch.name, fmt)
-    state = load_state_dict(weights) if weights is not None else None
+    published = hub.lookup(arch, weights)
+    if published is not None:
+        arch = dataclasses.replace(arch, **published.preset)
+        weights = hub.fetch(published)
+    elif weights is not None and not Path(weights).is_file() and hub.known_names(arch):
+        raise ExportError(f"--weights {weights}: no such checkpoint file, and not the name of weights published "
+                          f"for {arch.name} ({', '.join(hub.known_names(arch))})")
+    state = load_state_dict(Path(weights)) if weights is not None else None
     ckpt_classes = (checkpoint_num_classes(state, arch)
                     if state is not None and (arch.task == "classification" or arch.classes_key) else None)
-    labels = resolve_labels(arch.labels_resource, arch.num_classes, labels_file, num_classes, ckpt_classes)
+    labels = resolve_labels(arch.labels_resource, arch.num_classes, labels_file, num_classes, ckpt_classes,
+                            default_labels=published.labels if published is not None else None)
     spec = build_spec(arch, name, labels, max_batch_size, input_size, options)
 
     torch.manual_seed(seed)

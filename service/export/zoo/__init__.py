@@ -19,6 +19,29 @@ from ...spec import TensorSpec
 tvshim.install()
 
 
+# The name of an architecture's recommended published weights (torchvision's enum alias).
+DEFAULT_WEIGHTS = "DEFAULT"
+
+
+@dataclass(frozen=True)
+class Published:
+    """Weights published for an architecture, fetched by name (`export.hub`).
+
+    `name` is the weights' own name (torchvision's enum name, ``IMAGENET1K_V1``, or the
+    pix2pix/CycleGAN project's, ``horse2zebra``); `filename` is the file's name in the
+    download cache. `labels` are the weights' categories (None: the architecture's);
+    `preset` holds the Architecture fields the weights were trained with (input size,
+    resize size, interpolation, mean/std, a build for their input size), which the
+    export takes instead of the architecture's."""
+
+    architecture: str
+    name: str
+    url: str
+    filename: str
+    labels: tuple[str, ...] | None = None
+    preset: dict = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class Architecture:
     """One servable architecture.
@@ -37,6 +60,8 @@ class Architecture:
     input_size: tuple[int, int]  # (height, width)
     resize_mode: str
     resize_size: int = 0
+    # The resize filter of resize_center_crop and stretch (`ops.resize.RESAMPLE_FILTERS`).
+    interpolation: str = "bilinear"
     mean: tuple[float, float, float] = layouts.IMAGENET_MEAN
     std: tuple[float, float, float] = layouts.IMAGENET_STD
     # The output format (`pipelines.layouts`): tensor names and option defaults come from it.
@@ -63,7 +88,9 @@ class Architecture:
     # Example values of those inputs for the export's parity check, given (spec, batch,
     # height, width, torch.Generator); None: uniform random values in [0, 1).
     example_extra_inputs: Callable[..., tuple[torch.Tensor, ...]] | None = None
-
+    # The weights published for it, by name (``DEFAULT`` too, where there is one): what
+    # `--weights NAME` can fetch. Called on demand (it may read torchvision's tables).
+    published: Callable[[], dict[str, Published]] | None = None
 
     @property
     def layout(self) -> layouts.Layout:
