@@ -20,6 +20,8 @@ from .ops.resize import RESAMPLE_FILTERS, RESIZE_MODES
 from .pipelines import layouts
 
 PARAM_PREFIX = "convserve."
+# `ModelSpec.weights` of a model exported with random (seeded) weights.
+SEEDED = "seeded"
 
 TASKS = (
     "classification",
@@ -108,6 +110,9 @@ class ModelSpec:
     labels: tuple[str, ...] = ()
     # Task-specific options (thresholds, default top-k, ...), all strings.
     options: dict[str, str] = field(default_factory=dict)
+    # Where the weights came from (`SEEDED`, published weights' name, or a checkpoint's
+    # file name and sha256 prefix); "" when not recorded (configs written before it).
+    weights: str = ""
     # Filled in by the gateway from Triton; not part of the exported config.
     version_policy: str = "latest"
 
@@ -172,6 +177,8 @@ class ModelSpec:
             "output_layout": self.output_layout,
             "labels": json.dumps(list(self.labels)),
         }
+        if self.weights:
+            params["weights"] = self.weights
         params.update({f"option.{k}": str(v) for k, v in self.options.items()})
         return {PARAM_PREFIX + key: value for key, value in params.items()}
 
@@ -272,5 +279,6 @@ class ModelSpec:
             output_layout=params.get("output_layout", "logits"),
             labels=tuple(json.loads(params.get("labels") or "[]")),
             options={k[len("option."):]: v for k, v in params.items() if k.startswith("option.")},
+            weights=params.get("weights", ""),
             version_policy=policy,
         )

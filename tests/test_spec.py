@@ -11,7 +11,7 @@ from references import sample_spec
 
 
 @pytest.mark.parametrize("profile", ["production", "cpu"])
-@pytest.mark.parametrize("fields", [{}, {"interpolation": "bicubic"}])
+@pytest.mark.parametrize("fields", [{}, {"interpolation": "bicubic", "weights": "IMAGENET1K_V1"}])
 def test_round_trip_through_pbtxt(profile, fields):
     spec = sample_spec(**fields)
     text = text_format.MessageToString(spec.to_model_config(profile, labels_file="labels.txt"))

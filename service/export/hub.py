@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from . import ExportError
+from .zoo import DEFAULT_WEIGHTS as DEFAULT
 from .zoo import Architecture, Published
 
 # The cache's files are read in pieces of this size to hash them.
@@ -57,6 +58,14 @@ def lookup(arch: Architecture, weights: str | Path) -> Published | None:
 
 def known_names(arch: Architecture) -> list[str]:
     return sorted(arch.published()) if arch.published is not None else []
+
+
+def cached(arch: Architecture, name: str) -> Path | None:
+    """The cache file of `arch`'s published weights `name` when it is there, else None
+    (also when `arch` publishes no such weights). Nothing is downloaded or hashed."""
+    published = lookup(arch, name)
+    path = cache_dir() / published.filename if published is not None else None
+    return path if path is not None and path.is_file() else None
 
 
 def fetch(published: Published, download: Callable[..., None] | None = None) -> Path:

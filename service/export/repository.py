@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from google.protobuf import text_format
 
-from ..spec import MODEL_FILENAME, ModelSpec, TensorSpec
+from ..spec import MODEL_FILENAME, SEEDED, ModelSpec, TensorSpec
 from . import ExportError, hub, zoo
 from .checkpoints import apply_state_dict, checkpoint_num_classes, load_state_dict, resolve_labels
 from .formats import write_model_file
@@ -40,10 +40,12 @@ class ExportResult:
 
 
 def build_spec(arch: zoo.Architecture, name: str, labels: list[str], max_batch_size: int,
-               input_size: int | None = None, options: dict[str, str] | None = None) -> ModelSpec:
+               input_size: int | None = None, options: dict[str, str] | None = None,
+               weights: str = "") -> ModelSpec:
     """The spec of zoo architecture `arch` exported as entry `name`; the architecture's
     hooks say what its outputs and extra inputs are and whether its input size is
-    fixed. `options` override the architecture's default options."""
+    fixed. `options` override the architecture's default options; `weights` says where
+    the weights came from (`ModelSpec.weights`)."""
     height, width = arch.input_size
     resize_size = arch.resize_size
     if input_size is not None:
@@ -65,8 +67,22 @@ def build_spec(arch: zoo.Architecture, name: str, labels: list[str], max_batch_s
         outputs=outputs,
         max_batch_size=max_batch_size, resize_mode=arch.resize_mode, resize_size=resize_size,
         interpolation=arch.interpolation, mean=arch.mean, std=arch.std, output_layout=arch.output_layout,
-        labels=tuple(labels), options=options,
+        labels=tuple(labels), options=options, weights=weights,
     )
+
+
+# Enough hex digits of a checkpoint's sha256 to tell files apart (torch.hub names use 8-10).
+WEIGHTS_SHA_PREFIX = 12
+
+
+def weights_origin(published: zoo.Published | None, weights: Path | str | None) -> str:
+    """`ModelSpec.weights`: the published weights' name, a checkpoint's file name and
+    sha256 prefix, or SEEDED."""
+    if published is not None:
+        return published.name
+    if weights is not None:
+        return f"{Path(weights).name} sha256:{hub.sha256(Path(weights))[:WEIGHTS_SHA_PREFIX]}"
+    return SEEDED
 
 
 def default_name(arch_name: str, fmt: str) -> str:
@@ -113,7 +129,8 @@ def export_model(
                     if state is not None and (arch.task == "classification" or arch.classes_key) else None)
     labels = resolve_labels(arch.labels_resource, arch.num_classes, labels_file, num_classes, ckpt_classes,
                             default_labels=published.labels if published is not None else None)
-    spec = build_spec(arch, name, labels, max_batch_size, input_size, options)
+    spec = build_spec(arch, name, labels, max_batch_size, input_size, options,
+                      weights=weights_origin(published, weights))
 
     torch.manual_seed(seed)
     model = arch.build(len(labels))

@@ -133,6 +133,7 @@ def model_info(status, spec) -> vision_pb2.ModelInfo:
         info.input_height = max(spec.input_height, 0)
         info.resize_mode = spec.resize_mode
         info.max_batch_size = spec.max_batch_size
+        info.weights = spec.weights
     return info
 
 

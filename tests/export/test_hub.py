@@ -111,3 +111,37 @@ def test_a_cached_generator_exports_by_name(torch_home):
     result = export_model("cyclegan", torch_home.parent / "r", weights="horse2zebra", input_size=32)
     assert result.spec.architecture == "cyclegan"
 
+
+def test_serves_default_set_takes_cached_published_weights_else_seeded(torch_home, monkeypatch, capsys):
+    """`--published-if-cached` (what `convserve serve` exports its default set with) never
+    downloads: DEFAULT weights when their file is cached, seeded otherwise; it says which,
+    and the spec records it."""
+    from service.spec import SEEDED
+
+    repo = torch_home.parent / "r"
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    assert cli.main(["export", "squeezenet1_1", "--published-if-cached", "--repo", str(repo)]) == 0
+    assert "squeezenet1_1: seeded random weights" in capsys.readouterr().out
+    assert f"{SEEDED}" in (repo / "squeezenet1_1" / "config.pbtxt").read_text()
+
+    # A stand-in file under torchvision's name (its hash is not the real one's).
+    monkeypatch.setattr(hub, "hash_prefix", lambda filename: None)
+    torch_home.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(zoo.get("squeezenet1_1").build(1000).state_dict(), torch_home / "squeezenet1_1-b8a52dc0.pth")
+    assert cli.main(["export", "squeezenet1_1", "--published-if-cached", "--repo", str(repo), "--name", "p"]) == 0
+    assert "squeezenet1_1: published weights IMAGENET1K_V1" in capsys.readouterr().out
+    result_config = (repo / "p" / "config.pbtxt").read_text()
+    assert '"IMAGENET1K_V1"' in result_config
+
+    # Architectures without published weights say so.
+    assert cli.main(["export", "unet", "--published-if-cached", "--repo", str(repo), "--input-size", "32"]) == 0
+    assert "unet: seeded random weights (it has no default published weights" in capsys.readouterr().out
+
+
+def test_checkpoint_files_are_recorded_by_name_and_hash(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "mine.pth"
+    torch.save(zoo.get("squeezenet1_1").build(10).state_dict(), path)
+    result = export_model("squeezenet1_1", tmp_path / "r", weights=path, input_size=64)
+    assert result.spec.weights == f"mine.pth sha256:{hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
