@@ -52,6 +52,8 @@ def cmd_export(args) -> int:
         else:
             if not args.architecture:
                 raise ExportError("name an architecture, or give --from-file")
+            if args.published_if_cached and args.weights is not None:
+                raise ExportError("--published-if-cached chooses the weights itself; leave out --weights")
             weights = _published_if_cached(args.architecture) if args.published_if_cached else args.weights
             result = export_model(
                 args.architecture, settings.model_repository, name=args.name, weights=weights,

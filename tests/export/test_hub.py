@@ -145,3 +145,13 @@ def test_checkpoint_files_are_recorded_by_name_and_hash(tmp_path):
     torch.save(zoo.get("squeezenet1_1").build(10).state_dict(), path)
     result = export_model("squeezenet1_1", tmp_path / "r", weights=path, input_size=64)
     assert result.spec.weights == f"mine.pth sha256:{hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
+
+
+def test_detectors_publish_torchvisions_coco_weights(torch_home, monkeypatch):
+    published = zoo.get("fasterrcnn_resnet50_fpn").published()
+    assert published["DEFAULT"] is published["COCO_V1"]
+    assert published["COCO_V1"].filename == "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth"
+    assert list(published["COCO_V1"].labels) == zoo.read_labels("coco_categories.txt")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(ExportError, match="maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth"):
+        export_model("maskrcnn_resnet50_fpn", torch_home.parent / "r", weights="COCO_V1")

@@ -5,9 +5,11 @@ gateway never imports it.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Callable
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -100,6 +102,26 @@ class Architecture:
     def input_name(self) -> str:
         """The image input's name, as the layout's contract says."""
         return self.layout.input_name
+
+
+def torchvision_published(name: str, preset: Callable[[str, object], dict] | None = None
+                          ) -> Callable[[], dict[str, Published]]:
+    """`Architecture.published` for torchvision model `name`: its weights enum's entries
+    that list categories (the others are feature extractors), by enum name, plus
+    DEFAULT_WEIGHTS; `preset(name, weights)` gives each one's Architecture fields."""
+    def published() -> dict[str, Published]:
+        import torchvision
+
+        enum = torchvision.models.get_model_weights(name)
+        out = {w.name: Published(architecture=name, name=w.name, url=w.url,
+                                 filename=os.path.basename(urlparse(w.url).path),
+                                 labels=tuple(w.meta["categories"]),
+                                 preset=preset(name, w) if preset is not None else {})
+               for w in enum if w.meta.get("categories")}
+        if enum.DEFAULT.name in out:
+            out[DEFAULT_WEIGHTS] = out[enum.DEFAULT.name]
+        return out
+    return published
 
 
 def contract(layout: str, count: int | None = None, **sizes: int) -> tuple[TensorSpec, ...]:

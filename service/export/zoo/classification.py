@@ -13,16 +13,14 @@ and `--weights NAME` takes the preset of the weights named.
 from __future__ import annotations
 
 import inspect
-import os
 from functools import partial
-from urllib.parse import urlparse
 
 import torch
 import torchvision
 from torch import nn
 from torchvision.transforms._presets import ImageClassification
 
-from . import DEFAULT_WEIGHTS, Architecture, NormalizedModel, Published, register
+from . import Architecture, NormalizedModel, register, torchvision_published
 
 # The labels file of ImageNet-1k, the categories of every torchvision classifier's
 # published weights (checked by the tests against `weights.meta["categories"]`).
@@ -112,20 +110,6 @@ def _classifier_weights(name: str) -> list:
     return [w for w in torchvision.models.get_model_weights(name) if w.meta.get("categories")]
 
 
-def published(name: str) -> dict[str, Published]:
-    """torchvision's published classifier weights of `name` by enum name, plus
-    ``DEFAULT`` (torchvision's alias of its recommended weights)."""
-    out = {}
-    for w in _classifier_weights(name):
-        out[w.name] = Published(architecture=name, name=w.name, url=w.url,
-                                filename=os.path.basename(urlparse(w.url).path),
-                                labels=tuple(w.meta["categories"]), preset=preset(name, w))
-    default = torchvision.models.get_model_weights(name).DEFAULT
-    if default.name in out:
-        out[DEFAULT_WEIGHTS] = out[default.name]
-    return out
-
-
 def classifier(name: str) -> Architecture:
     """The architecture of torchvision classifier `name`, with its first published
     weights' preset."""
@@ -136,7 +120,7 @@ def classifier(name: str) -> Architecture:
     return Architecture(**{
         "name": name, "task": "classification", "wrap": _wrap, "num_classes": len(first.meta["categories"]),
         "labels_resource": IMAGENET_LABELS, "resize_mode": "resize_center_crop",
-        "published": partial(published, name), **preset(name, first), **extra,
+        "published": torchvision_published(name, preset), **preset(name, first), **extra,
     })
 
 
