@@ -51,8 +51,11 @@ def cmd_export(args) -> int:
                 raise ExportError("name an architecture, or give --from-file")
             if args.input_size is not None and len(set(args.input_size)) != 1:
                 raise ExportError(f"zoo architectures take a square --input-size, got {args.input_size}")
+            if args.published_if_cached and args.weights is not None:
+                raise ExportError("--published-if-cached chooses the weights itself; leave out --weights")
+            weights = _published_if_cached(args.architecture) if args.published_if_cached else args.weights
             result = export_model(
-                args.architecture, settings.model_repository, name=args.name, weights=args.weights,
+                args.architecture, settings.model_repository, name=args.name, weights=weights,
                 labels_file=args.labels, num_classes=args.num_classes, fmt=args.format,
                 input_size=args.input_size and args.input_size[0], seed=args.seed,
                 options=_parse_options(args.option),
@@ -66,6 +69,26 @@ def cmd_export(args) -> int:
     if result.spec.sources:  # an imported file: say where each value came from
         print("  " + ", ".join(f"{key} from {where}" for key, where in result.spec.sources.items()))
     return 0
+
+
+def _published_if_cached(arch_name: str) -> str | None:
+    """`--published-if-cached`: the architecture's DEFAULT published weights when their
+    file is already in torch.hub's cache, else None (seeded weights); says which."""
+    from .export import hub, zoo
+
+    arch = zoo.get(arch_name)
+    path = hub.cached(arch, hub.DEFAULT)
+    if path is not None:
+        print(f"convserve export: {arch_name}: published weights {arch.published()[hub.DEFAULT].name} "
+              f"(cached at {path})", flush=True)
+        return hub.DEFAULT
+    if hub.DEFAULT in hub.known_names(arch):
+        why = (f"its published weights are not in the cache {hub.cache_dir()}; "
+               f"`convserve export {arch_name} --weights DEFAULT` downloads them")
+    else:
+        why = "it has no default published weights; export a trained checkpoint with --weights"
+    print(f"convserve export: {arch_name}: seeded random weights ({why})", flush=True)
+    return None
 
 
 def _parse_options(items: list[str] | None) -> dict[str, str]:
@@ -89,10 +112,11 @@ def is_empty_repository(repo: Path) -> bool:
 
 def export_defaults(settings) -> None:
     """Export the default model set into an empty repository, each in a subprocess so
-    that the serving process never holds torch."""
+    that the serving process never holds torch: with published weights where they are
+    in torch.hub's cache, seeded otherwise (each export says which)."""
     for arch in settings.default_model_list:
         print(f"convserve: exporting default model {arch} into {settings.model_repository} ...", flush=True)
-        subprocess.run([sys.executable, "-m", "service.cli", "export", arch,
+        subprocess.run([sys.executable, "-m", "service.cli", "export", arch, "--published-if-cached",
                         "--repo", str(settings.model_repository)], check=True)
 
 
@@ -320,7 +344,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export an architecture (+ checkpoint), or a model file, into the repository")
     p.add_argument("architecture", nargs="?", help="zoo architecture, e.g. resnet18 (omit with --from-file)")
     repo_flag(p)
-    p.add_argument("--weights", type=Path, help="checkpoint: .pth/.pt state_dict or .safetensors")
+    p.add_argument("--weights", help="checkpoint (.pth/.pt state_dict or .safetensors), or the name of weights "
+                   "published for the architecture: DEFAULT or torchvision's enum name (IMAGENET1K_V1, ...), "
+                   "a pix2pix/CycleGAN model (horse2zebra, ...); fetched once into torch.hub's cache")
+    p.add_argument("--published-if-cached", action="store_true",
+                   help="instead of --weights: the architecture's DEFAULT published weights when they are already "
+                   "in torch.hub's cache, else seeded weights (never downloads; what `serve` does for its "
+                   "default set)")
     p.add_argument("--format", choices=("torchscript", "onnx", "tensorrt"), default="torchscript")
     p.add_argument("--name", help="entry name (default: the architecture, plus _onnx/_trt for those formats; "
                    "with --from-file, the file's stem)")

@@ -16,10 +16,12 @@ from typing import Iterable
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
-from .ops.resize import RESIZE_MODES
+from .ops.resize import RESAMPLE_FILTERS, RESIZE_MODES
 from .pipelines import layouts
 
 PARAM_PREFIX = "convserve."
+# `ModelSpec.weights` of a model exported with random (seeded) weights.
+SEEDED = "seeded"
 
 TASKS = (
     "classification",
@@ -108,6 +110,9 @@ class ModelSpec:
     resize_mode: str = "resize_center_crop"
     # For resize_center_crop: the shorter side is resized to this before the crop.
     resize_size: int = 0
+    # The resize filter (torchvision's InterpolationMode name) of resize_center_crop and
+    # stretch: what the weights' own preset uses. Configs without it mean bilinear.
+    interpolation: str = "bilinear"
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     channel_order: str = "RGB"
@@ -122,6 +127,9 @@ class ModelSpec:
     # Where imported values came from, e.g. {"labels": "file-metadata"} or
     # {"labels": "--labels"}: a record for operators, never read to serve.
     sources: dict[str, str] = field(default_factory=dict)
+    # Where the weights came from (`SEEDED`, published weights' name, or a checkpoint's
+    # file name and sha256 prefix); "" when not recorded (configs written before it).
+    weights: str = ""
     # Filled in by the gateway from Triton; not part of the exported config.
     version_policy: str = "latest"
 
@@ -130,6 +138,8 @@ class ModelSpec:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        if self.interpolation not in RESAMPLE_FILTERS:
+            raise ValueError(f"interpolation must be one of {tuple(RESAMPLE_FILTERS)}, got {self.interpolation!r}")
         if self.channel_order not in ("RGB", "BGR"):
             raise ValueError(f"channel_order must be RGB or BGR, got {self.channel_order!r}")
         if not self.inputs or not self.outputs:
@@ -195,6 +205,7 @@ class ModelSpec:
             "architecture": self.architecture,
             "resize_mode": self.resize_mode,
             "resize_size": str(self.resize_size),
+            "interpolation": self.interpolation,
             "mean": ",".join(repr(float(v)) for v in self.mean),
             "std": ",".join(repr(float(v)) for v in self.std),
             "channel_order": self.channel_order,
@@ -204,6 +215,8 @@ class ModelSpec:
         }
         if self.fixed_batch:
             params["fixed_batch"] = str(self.fixed_batch)
+        if self.weights:
+            params["weights"] = self.weights
         params.update({f"option.{k}": str(v) for k, v in self.options.items()})
         params.update({f"source.{k}": str(v) for k, v in self.sources.items()})
         return {PARAM_PREFIX + key: value for key, value in params.items()}
@@ -311,6 +324,7 @@ class ModelSpec:
             max_batch_size=config.max_batch_size,
             resize_mode=params.get("resize_mode", "resize_center_crop"),
             resize_size=int(params.get("resize_size") or 0),
+            interpolation=params.get("interpolation") or "bilinear",
             mean=floats(params.get("mean", ""), (0.0, 0.0, 0.0)),
             std=floats(params.get("std", ""), (1.0, 1.0, 1.0)),
             channel_order=params.get("channel_order", "RGB"),
@@ -320,5 +334,6 @@ class ModelSpec:
             input_layout=params.get("input_layout") or "NCHW",
             fixed_batch=fixed_batch,
             sources={k[len("source."):]: v for k, v in params.items() if k.startswith("source.")},
+            weights=params.get("weights", ""),
             version_policy=policy,
         )

@@ -11,8 +11,9 @@ from references import sample_spec
 
 
 @pytest.mark.parametrize("profile", ["production", "cpu"])
-def test_round_trip_through_pbtxt(profile):
-    spec = sample_spec()
+@pytest.mark.parametrize("fields", [{}, {"interpolation": "bicubic", "weights": "IMAGENET1K_V1"}])
+def test_round_trip_through_pbtxt(profile, fields):
+    spec = sample_spec(**fields)
     text = text_format.MessageToString(spec.to_model_config(profile, labels_file="labels.txt"))
     parsed = text_format.Parse(text, mc.ModelConfig())
     assert ModelSpec.from_model_config(parsed) == spec

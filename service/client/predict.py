@@ -197,6 +197,9 @@ def segment(stub, args, images) -> int:
     return 0
 
 
+# ModelInfo.weights of a model serving random weights (the API's value, see vision.proto).
+SEEDED = "seeded"
+
 # Model task (ModelInfo.task) -> the function that calls its method.
 TASKS = {
     "classification": classify,
@@ -216,6 +219,9 @@ def predict_main(args) -> int:
         info = stub.GetModel(vision_pb2.GetModelRequest(name=args.model), timeout=args.timeout)
     except grpc.RpcError as error:
         return _fail(error)
+    if info.weights == SEEDED:
+        print(f"convserve predict: warning: model {args.model!r} serves seeded random weights; its answers are "
+              "meaningless until a trained checkpoint or published weights are exported", file=sys.stderr)
     call = TASKS.get(info.task)
     if call is None:
         print(f"convserve predict: model {args.model!r} is a {info.task or 'unknown'} model, "

@@ -2,7 +2,9 @@
 a model (missing, unexpected and wrong-shape tensors are one error); labels."""
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -49,6 +51,21 @@ def _fits(value: torch.Tensor, target: torch.Tensor) -> bool:
     return value.shape == target.shape or (target.dim() == 0 and value.dim() == 1 and value.numel() == 1)
 
 
+def _with_versions(values: dict, state: dict, expected: dict) -> OrderedDict:
+    """`values` carrying the module versions that `load_state_dict` passes to each
+    module's `_load_from_state_dict` (a state_dict's `_metadata`): the checkpoint's own
+    when it has the root module's, else the model's. A rebuilt dict or a safetensors
+    file has none, and some modules refuse to load without theirs (torchvision's MNASNet
+    raises "version should be set to 1 or 2")."""
+    out = OrderedDict(values)
+    metadata = getattr(state, "_metadata", None)
+    if not metadata or "" not in metadata:
+        metadata = getattr(expected, "_metadata", None)
+    if metadata is not None:
+        out._metadata = metadata
+    return out
+
+
 def apply_state_dict(model: torch.nn.Module, state: dict, arch: zoo.Architecture) -> None:
     """Load strictly: missing or unexpected keys and tensors of the wrong shape are one
     ExportError naming them all (a mismatched shape as "key: checkpoint [..] vs model [..]"),
@@ -58,7 +75,8 @@ def apply_state_dict(model: torch.nn.Module, state: dict, arch: zoo.Architecture
     expected = model.state_dict()
     mismatched = [f"{key}: checkpoint {_shape(value)} vs model {_shape(expected[key])}"
                   for key, value in state.items() if key in expected and not _fits(value, expected[key])]
-    loadable = {k: v for k, v in state.items() if k not in expected or _fits(v, expected[k])}
+    loadable = _with_versions({k: v for k, v in state.items() if k not in expected or _fits(v, expected[k])},
+                              state, expected)
     # load_state_dict itself decides what is missing or unexpected (modules may rename or
     # drop keys as they load, e.g. batch norm's num_batches_tracked in old checkpoints).
     result = model.load_state_dict(loadable, strict=False)
@@ -87,8 +105,11 @@ def checkpoint_num_classes(state: dict, arch: zoo.Architecture) -> int | None:
 
 
 def resolve_labels(default_resource: str | None, default_count: int, labels_file: Path | None,
-                   num_classes: int | None, checkpoint_classes: int | None) -> list[str]:
-    """Labels for the entry; the labels file, --num-classes and the checkpoint must agree."""
+                   num_classes: int | None, checkpoint_classes: int | None,
+                   default_labels: Sequence[str] | None = None) -> list[str]:
+    """Labels for the entry; the labels file, --num-classes and the checkpoint must agree.
+    Without a labels file: `default_labels` (published weights' categories), else the
+    `default_resource` file, where their count fits; else ``class_<i>``."""
     labels = read_labels_file(labels_file) if labels_file is not None else None
     counts = {"the labels file has": len(labels) if labels is not None else None,
               "--num-classes is": num_classes, "the checkpoint has": checkpoint_classes}
@@ -97,7 +118,8 @@ def resolve_labels(default_resource: str | None, default_count: int, labels_file
         raise ExportError("class counts disagree: " + ", ".join(f"{k} {v}" for k, v in given.items()))
     n = next(iter(given.values()), default_count)
     if labels is None:
-        default = zoo.read_labels(default_resource) if default_resource else []
+        default = (list(default_labels) if default_labels is not None
+                   else zoo.read_labels(default_resource) if default_resource else [])
         labels = default if len(default) == n else [f"class_{i}" for i in range(n)]
     return labels
 

@@ -2,6 +2,7 @@
 eager model before it is kept (`compare`, one scaled bound per output tensor)."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -110,6 +111,19 @@ def to_torchscript(wrapped: torch.nn.Module, inputs: tuple[torch.Tensor, ...], e
         return max(diff, compare(expected, reloaded(*inputs), "reloaded TorchScript", names))
 
 
+@contextlib.contextmanager
+def _without_mha_fastpath():
+    """nn.MultiheadAttention's inference fast path (`aten::_native_multi_head_attention`,
+    taken without grad, as here) has no ONNX symbolic: ViT's export fails with it. The
+    plain path computes the same attention from ONNX-exportable ops."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
 def to_onnx(wrapped: torch.nn.Module, inputs: tuple[torch.Tensor, ...], expected, path: Path,
             spec: ModelSpec) -> float:
     import onnxruntime as ort
@@ -122,7 +136,7 @@ def to_onnx(wrapped: torch.nn.Module, inputs: tuple[torch.Tensor, ...], expected
         for axis, dim in enumerate(tensor.dims, start=1):
             if dim < 0:
                 dynamic[tensor.name][axis] = f"{tensor.name}_dim{axis}"
-    with torch.inference_mode():
+    with torch.inference_mode(), _without_mha_fastpath():
         torch.onnx.export(wrapped, tuple(values), str(path), input_names=inputs, output_names=outputs,
                           dynamic_axes=dynamic, opset_version=ONNX_OPSET, dynamo=False)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

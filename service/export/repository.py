@@ -3,6 +3,7 @@ options) and the writer of `<repo>/<name>/` (model file, both configs, labels).
 `export_model` ties a zoo architecture, a checkpoint and a format together."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -17,8 +18,8 @@ import torch
 from google.protobuf import text_format
 
 from ..pipelines import layouts
-from ..spec import MODEL_FILENAME, ModelSpec, TensorSpec
-from . import ExportError, zoo
+from ..spec import MODEL_FILENAME, SEEDED, ModelSpec, TensorSpec
+from . import ExportError, hub, zoo
 from .checkpoints import apply_state_dict, checkpoint_num_classes, load_state_dict, resolve_labels
 from .formats import write_model_file
 
@@ -40,10 +41,12 @@ class ExportResult:
 
 
 def build_spec(arch: zoo.Architecture, name: str, labels: list[str], max_batch_size: int,
-               input_size: int | None = None, options: dict[str, str] | None = None) -> ModelSpec:
+               input_size: int | None = None, options: dict[str, str] | None = None,
+               weights: str = "") -> ModelSpec:
     """The spec of zoo architecture `arch` exported as entry `name`; the architecture's
     hooks say what its outputs and extra inputs are and whether its input size is
-    fixed. `options` override the architecture's default options."""
+    fixed. `options` override the architecture's default options; `weights` says where
+    the weights came from (`ModelSpec.weights`)."""
     height, width = arch.input_size
     resize_size = arch.resize_size
     if input_size is not None:
@@ -68,9 +71,23 @@ def build_spec(arch: zoo.Architecture, name: str, labels: list[str], max_batch_s
         inputs=(TensorSpec(arch.input_name, np.dtype(np.uint8), in_dims), *extra),
         outputs=outputs,
         max_batch_size=max_batch_size, resize_mode=arch.resize_mode, resize_size=resize_size,
-        mean=arch.mean, std=arch.std, output_layout=arch.output_layout, labels=tuple(labels),
-        options=options,
+        interpolation=arch.interpolation, mean=arch.mean, std=arch.std, output_layout=arch.output_layout,
+        labels=tuple(labels), options=options, weights=weights,
     )
+
+
+# Enough hex digits of a checkpoint's sha256 to tell files apart (torch.hub names use 8-10).
+WEIGHTS_SHA_PREFIX = 12
+
+
+def weights_origin(published: zoo.Published | None, weights: Path | str | None) -> str:
+    """`ModelSpec.weights`: the published weights' name, a checkpoint's file name and
+    sha256 prefix, or SEEDED."""
+    if published is not None:
+        return published.name
+    if weights is not None:
+        return f"{Path(weights).name} sha256:{hub.sha256(Path(weights))[:WEIGHTS_SHA_PREFIX]}"
+    return SEEDED
 
 
 def default_name(arch_name: str, fmt: str) -> str:
@@ -82,7 +99,7 @@ def export_model(
     repo: Path,
     *,
     name: str | None = None,
-    weights: Path | None = None,
+    weights: Path | str | None = None,
     labels_file: Path | None = None,
     num_classes: int | None = None,
     fmt: str = "torchscript",
@@ -96,16 +113,30 @@ def export_model(
     instances: int = 1,
 ) -> ExportResult:
     """Export zoo architecture `arch_name` (+ checkpoint) as entry `name`, version `version`;
-    `options` override the architecture's spec options (e.g. ``--option proposals=50``)."""
+    `options` override the architecture's spec options (e.g. ``--option proposals=50``).
+
+    `weights` is a checkpoint file, or (a str) the name of weights published for the
+    architecture (``DEFAULT``, ``IMAGENET1K_V2``, ``horse2zebra``): those are fetched
+    into torch.hub's cache (`hub.fetch`) and bring their own preprocessing preset and
+    labels."""
     arch = zoo.get(arch_name)
     if fmt not in NAME_SUFFIX:
         raise ExportError(f"format must be one of {', '.join(NAME_SUFFIX)}, got {fmt!r}")
     name = name or default_name(arch.name, fmt)
-    state = load_state_dict(weights) if weights is not None else None
+    published = hub.lookup(arch, weights)
+    if published is not None:
+        arch = dataclasses.replace(arch, **published.preset)
+        weights = hub.fetch(published)
+    elif weights is not None and not Path(weights).is_file() and hub.known_names(arch):
+        raise ExportError(f"--weights {weights}: no such checkpoint file, and not the name of weights published "
+                          f"for {arch.name} ({', '.join(hub.known_names(arch))})")
+    state = load_state_dict(Path(weights)) if weights is not None else None
     ckpt_classes = (checkpoint_num_classes(state, arch)
                     if state is not None and (arch.task == "classification" or arch.classes_key) else None)
-    labels = resolve_labels(arch.labels_resource, arch.num_classes, labels_file, num_classes, ckpt_classes)
-    spec = build_spec(arch, name, labels, max_batch_size, input_size, options)
+    labels = resolve_labels(arch.labels_resource, arch.num_classes, labels_file, num_classes, ckpt_classes,
+                            default_labels=published.labels if published is not None else None)
+    spec = build_spec(arch, name, labels, max_batch_size, input_size, options,
+                      weights=weights_origin(published, weights))
 
     torch.manual_seed(seed)
     model = arch.build(len(labels))

@@ -133,6 +133,7 @@ def model_info(status, spec) -> vision_pb2.ModelInfo:
         info.input_height = max(spec.input_height, 0)
         info.resize_mode = spec.resize_mode
         info.max_batch_size = spec.items_per_call  # 1 for a model whose batch is fixed at 1
+        info.weights = spec.weights
     return info
 
 

@@ -8,10 +8,11 @@ One `ResizePlan` per image holds the geometry of every resize mode in the same t
          (a negative offset crops, a positive one pads)
 
 - ``resize_center_crop``: torchvision's ``Resize(resize_size)`` (shorter side, PIL
-  bilinear with antialiasing) then ``CenterCrop``; offsets are the negative crop corner.
+  bilinear or bicubic with antialiasing, as the plan's ``resample`` says) then
+  ``CenterCrop``; offsets are the negative crop corner.
 - ``letterbox``: Ultralytics' ``LetterBox(center=True)``: aspect kept, OpenCV
   INTER_LINEAR, centred on grey (114) padding.
-- ``stretch``: resized to the input size, aspect ignored (PIL bilinear).
+- ``stretch``: resized to the input size, aspect ignored (PIL, ``resample``).
 - ``none``: the model takes any size. The image keeps its size unless its longer side
   is over ``max_side`` (then it is downscaled, aspect kept, PIL bilinear); it is then
   padded at the bottom and right by reflection to a multiple of ``multiple`` and at
@@ -34,6 +35,11 @@ from PIL import Image
 
 
 RESIZE_MODES = ("resize_center_crop", "letterbox", "stretch", "none")
+# The PIL filters a plan can resample with, by torchvision's InterpolationMode names:
+# torchvision's ImageClassification presets use bilinear for most weights and bicubic
+# for some (EfficientNet, ViT, Swin, RegNet's SWAG weights). On PIL images torchvision's
+# Resize calls PIL's own resize with that filter (antialiased), so these match it.
+RESAMPLE_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 
 
 class ResizeError(ValueError):
@@ -55,9 +61,11 @@ class ResizePlan:
     top: int = 0
     # resize_center_crop: the shorter side's size before the crop.
     resize_size: int = 0
-    # How `apply` resizes in modes stretch and none: "pil" (bilinear with antialiasing,
-    # as torchvision's Resize on PIL images) or "cv2" (INTER_LINEAR, no antialiasing).
+    # How `apply` resizes in modes stretch and none: "pil" (antialiased, as torchvision's
+    # Resize on PIL images) or "cv2" (INTER_LINEAR, no antialiasing).
     interpolation: str = "pil"
+    # The PIL filter (a `RESAMPLE_FILTERS` key) of resize_center_crop and of "pil" resizes.
+    resample: str = "bilinear"
 
     @property
     def resized(self) -> bool:
@@ -70,7 +78,7 @@ class ResizePlan:
         if image.size != (self.width, self.height):
             raise ValueError(f"the plan is for a {self.width}x{self.height} image, got {image.width}x{image.height}")
         if self.mode == "resize_center_crop":
-            return resize_center_crop(image, self.resize_size, self.input_width, self.input_height)
+            return resize_center_crop(image, self.resize_size, self.input_width, self.input_height, self.resample)
         if self.mode == "letterbox":
             return letterbox(image, self.input_width, self.input_height)
         if not self.resized:
@@ -79,7 +87,7 @@ class ResizePlan:
             chw = cv2.resize(np.asarray(image), (self.scaled_width, self.scaled_height),
                              interpolation=cv2.INTER_LINEAR).transpose(2, 0, 1)
         else:
-            chw = resize_stretch(image, self.scaled_width, self.scaled_height)
+            chw = resize_stretch(image, self.scaled_width, self.scaled_height, self.resample)
         return reflect_pad(np.ascontiguousarray(chw), self.input_height, self.input_width)
 
     # --- inverse
@@ -115,7 +123,7 @@ class ResizePlan:
 
 def plan(mode: str, width: int, height: int, input_width: int, input_height: int, *, resize_size: int = 0,
          max_side: int = 0, multiple: int = 1, min_side: int = 1, shorter_side: int = 0,
-         interpolation: str = "pil") -> ResizePlan:
+         interpolation: str = "pil", resample: str = "bilinear") -> ResizePlan:
     """The plan for a `width` x `height` image and a model input of `input_width` x
     `input_height` (-1 each for a model that takes any size, mode ``none``).
 
@@ -123,8 +131,11 @@ def plan(mode: str, width: int, height: int, input_width: int, input_height: int
     ``max_side``, ``multiple`` and ``min_side`` (0 / 1 / 1: unchanged), and
     ``shorter_side``: when set, the image is scaled (up or down) so that its shorter
     side is ``shorter_side`` and its longer side at most ``max_side``, torchvision
-    GeneralizedRCNNTransform's rule (Fast R-CNN). Raises ResizeError when the mode and
-    the input size disagree."""
+    GeneralizedRCNNTransform's rule (Fast R-CNN). ``resample`` is the PIL filter
+    (`RESAMPLE_FILTERS`). Raises ResizeError when the mode and the input size disagree
+    or the filter is unknown."""
+    if resample not in RESAMPLE_FILTERS:
+        raise ResizeError(f"unknown interpolation {resample!r} (known: {', '.join(RESAMPLE_FILTERS)})")
     variable = input_width <= 0 or input_height <= 0
     if (mode == "none") != variable:
         raise ResizeError(f"resize mode {mode!r} with input size {input_width}x{input_height}: 'none' needs a "
@@ -133,12 +144,14 @@ def plan(mode: str, width: int, height: int, input_width: int, input_height: int
         new_w, new_h = resized_size_shorter_side(width, height, resize_size)
         top = int(round((new_h - input_height) / 2.0))
         left = int(round((new_w - input_width) / 2.0))
-        return ResizePlan(mode, width, height, new_w, new_h, input_width, input_height, -left, -top, resize_size)
+        return ResizePlan(mode, width, height, new_w, new_h, input_width, input_height, -left, -top, resize_size,
+                          resample=resample)
     if mode == "letterbox":
         new_w, new_h, left, top = letterbox_geometry(width, height, input_width, input_height)
         return ResizePlan(mode, width, height, new_w, new_h, input_width, input_height, left, top)
     if mode == "stretch":
-        return ResizePlan(mode, width, height, input_width, input_height, input_width, input_height)
+        return ResizePlan(mode, width, height, input_width, input_height, input_width, input_height,
+                          resample=resample)
     if mode == "none":
         scaled_w, scaled_h = width, height
         if shorter_side > 0:
@@ -150,7 +163,8 @@ def plan(mode: str, width: int, height: int, input_width: int, input_height: int
             scaled_h = min(max_side, max(1, round(height * r)))
         multiple, min_side = max(1, multiple), max(1, min_side)
         return ResizePlan(mode, width, height, scaled_w, scaled_h, _round_up(max(scaled_w, min_side), multiple),
-                          _round_up(max(scaled_h, min_side), multiple), interpolation=interpolation)
+                          _round_up(max(scaled_h, min_side), multiple), interpolation=interpolation,
+                          resample=resample)
     raise ResizeError(f"unknown resize mode {mode!r} (known: {', '.join(RESIZE_MODES)})")
 
 
@@ -191,8 +205,10 @@ def resized_size_shorter_side(width: int, height: int, size: int) -> tuple[int, 
     return int(size * width / height), size
 
 
-def resize_center_crop(image: Image.Image, resize_size: int, crop_w: int, crop_h: int) -> np.ndarray:
-    """torchvision `Resize(resize_size)` then `CenterCrop((crop_h, crop_w))` on a PIL image.
+def resize_center_crop(image: Image.Image, resize_size: int, crop_w: int, crop_h: int,
+                       resample: str = "bilinear") -> np.ndarray:
+    """torchvision `Resize(resize_size, interpolation=resample)` then
+    `CenterCrop((crop_h, crop_w))` on a PIL image.
 
     Returns uint8 [3, crop_h, crop_w]. The crop is folded into the resize as a source
     box, so only the kept pixels are computed: each output pixel samples the same
@@ -208,15 +224,16 @@ def resize_center_crop(image: Image.Image, resize_size: int, crop_w: int, crop_h
     box = (left * scale_x, top * scale_y, (left + crop_w) * scale_x, (top + crop_h) * scale_y)
     # Pillow's filter support scales with box/size; with the box above it equals the
     # support of the full resize, hence the same weights as resize-then-crop.
-    out = image.resize((crop_w, crop_h), Image.BILINEAR, box=box)
+    out = image.resize((crop_w, crop_h), RESAMPLE_FILTERS[resample], box=box)
     return to_chw(out)
 
 
-def resize_stretch(image: Image.Image, width: int, height: int) -> np.ndarray:
-    """Resize to exactly width x height, ignoring the aspect ratio. uint8 [3, H, W]."""
+def resize_stretch(image: Image.Image, width: int, height: int, resample: str = "bilinear") -> np.ndarray:
+    """Resize to exactly width x height (PIL filter `resample`), ignoring the aspect
+    ratio. uint8 [3, H, W]."""
     if image.size == (width, height):
         return to_chw(image)
-    return to_chw(image.resize((width, height), Image.BILINEAR))
+    return to_chw(image.resize((width, height), RESAMPLE_FILTERS[resample]))
 
 
 # Letterbox padding value: Ultralytics' gray, so padded borders look like its training data.

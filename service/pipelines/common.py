@@ -120,14 +120,15 @@ def model_inputs(spec: ModelSpec, images: np.ndarray, *extra: np.ndarray) -> Ten
 
 
 def resize_plan(spec: ModelSpec, width: int, height: int) -> resize.ResizePlan:
-    """The resize plan of a width x height image for this model: its resize mode and
-    input size, and for models that take any size its layout's resize options."""
+    """The resize plan of a width x height image for this model: its resize mode, input
+    size and interpolation, and for models that take any size its layout's resize
+    options."""
     keywords = {}
     if spec.resize_mode == "none" and spec.layout.resize is not None:
         keywords = spec.layout.resize(spec.settings)
     try:
         return resize.plan(spec.resize_mode, width, height, spec.input_width, spec.input_height,
-                           resize_size=spec.resize_size, **keywords)
+                           resize_size=spec.resize_size, resample=spec.interpolation, **keywords)
     except resize.ResizeError as exc:
         raise FailedPrecondition(f"model {spec.name!r}: {exc}") from None
 

@@ -124,5 +124,8 @@ def test_list_and_get_model(vision):
     assert (info.task, info.architecture, info.ready) == ("classification", "resnet18", True)
     assert (info.input_width, info.input_height, info.resize_mode) == (224, 224, "resize_center_crop")
     assert list(info.versions) == ["1"] and len(info.labels) == 1000 and info.max_batch_size == 4
-    names = [m.name for m in vision.ListModels(vision_pb2.ListModelsRequest(), timeout=30).models]
-    assert "resnet18" in names
+    # Where the weights came from: the test checkpoint, by file name and sha256 prefix.
+    assert info.weights.startswith("resnet18_test.pth sha256:")
+    models = {m.name: m for m in vision.ListModels(vision_pb2.ListModelsRequest(), timeout=30).models}
+    assert "resnet18" in models and models["resnet18"].weights == info.weights
+    assert models["versioned"].weights == "seeded"

@@ -259,3 +259,35 @@ def test_large_output_checkpoints_export_on_any_kernels(tmp_path, seed, scale, f
     result = export_model("resnet18", tmp_path / "repo", weights=weights, fmt=fmt, input_size=64)
     # Logits reach ~2 x scale, so this is at most half the bound (in practice ~1/100).
     assert result.max_abs_diff < PARITY_RTOL * scale
+
+
+class TinyAttention(torch.nn.Module):
+    """uint8 images -> 16 tokens -> nn.MultiheadAttention (ViT's attention) -> 3 logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(3, 8)
+        self.attention = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.adaptive_avg_pool2d(images.float() / 255, 4).flatten(2).transpose(1, 2)
+        x = self.embed(x)
+        x = self.attention(x, x, x, need_weights=False)[0]
+        return self.head(x.mean(dim=1))
+
+
+def test_attention_exports_to_onnx(tmp_path):
+    """Without grad, nn.MultiheadAttention takes a fused fast path that ONNX cannot export
+    (ViT's export failed with it); the ONNX export takes the plain path, and leaves the
+    fast path setting as it found it."""
+    from references import sample_spec
+    from service.export.formats import to_onnx
+
+    torch.manual_seed(0)
+    model = TinyAttention().eval()
+    images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    with torch.inference_mode():
+        expected = model(images)
+    assert to_onnx(model, (images,), expected, tmp_path / "model.onnx", sample_spec()) <= parity_bound(expected)
+    assert torch.backends.mha.get_fastpath_enabled()

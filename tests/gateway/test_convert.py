@@ -85,3 +85,14 @@ def test_other_errors_carry_no_detail():
     assert status.code.name == "NOT_FOUND" and status.details == "unknown model 'x'"
     rich = status_pb2.Status.FromString(dict(status.trailing_metadata)["grpc-status-details-bin"])
     assert not rich.details
+
+
+def test_model_info_says_where_the_weights_came_from():
+    from types import SimpleNamespace
+
+    from references import sample_spec
+
+    status = SimpleNamespace(name="m", versions=["1"], ready=True)
+    assert convert.model_info(status, sample_spec(weights="seeded")).weights == "seeded"
+    assert convert.model_info(status, sample_spec(weights="IMAGENET1K_V1")).weights == "IMAGENET1K_V1"
+    assert convert.model_info(status, sample_spec()).weights == ""  # exported before it was recorded

@@ -5,9 +5,11 @@ gateway never imports it.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Callable
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -17,6 +19,29 @@ from ...pipelines import layouts
 from ...spec import TensorSpec
 
 tvshim.install()
+
+
+# The name of an architecture's recommended published weights (torchvision's enum alias).
+DEFAULT_WEIGHTS = "DEFAULT"
+
+
+@dataclass(frozen=True)
+class Published:
+    """Weights published for an architecture, fetched by name (`export.hub`).
+
+    `name` is the weights' own name (torchvision's enum name, ``IMAGENET1K_V1``, or the
+    pix2pix/CycleGAN project's, ``horse2zebra``); `filename` is the file's name in the
+    download cache. `labels` are the weights' categories (None: the architecture's);
+    `preset` holds the Architecture fields the weights were trained with (input size,
+    resize size, interpolation, mean/std, a build for their input size), which the
+    export takes instead of the architecture's."""
+
+    architecture: str
+    name: str
+    url: str
+    filename: str
+    labels: tuple[str, ...] | None = None
+    preset: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -37,6 +62,8 @@ class Architecture:
     input_size: tuple[int, int]  # (height, width)
     resize_mode: str
     resize_size: int = 0
+    # The resize filter of resize_center_crop and stretch (`ops.resize.RESAMPLE_FILTERS`).
+    interpolation: str = "bilinear"
     mean: tuple[float, float, float] = layouts.IMAGENET_MEAN
     std: tuple[float, float, float] = layouts.IMAGENET_STD
     # The output format (`pipelines.layouts`): tensor names and option defaults come from it.
@@ -63,7 +90,9 @@ class Architecture:
     # Example values of those inputs for the export's parity check, given (spec, batch,
     # height, width, torch.Generator); None: uniform random values in [0, 1).
     example_extra_inputs: Callable[..., tuple[torch.Tensor, ...]] | None = None
-
+    # The weights published for it, by name (``DEFAULT`` too, where there is one): what
+    # `--weights NAME` can fetch. Called on demand (it may read torchvision's tables).
+    published: Callable[[], dict[str, Published]] | None = None
 
     @property
     def layout(self) -> layouts.Layout:
@@ -73,6 +102,26 @@ class Architecture:
     def input_name(self) -> str:
         """The image input's name, as the layout's contract says."""
         return self.layout.input_name
+
+
+def torchvision_published(name: str, preset: Callable[[str, object], dict] | None = None
+                          ) -> Callable[[], dict[str, Published]]:
+    """`Architecture.published` for torchvision model `name`: its weights enum's entries
+    that list categories (the others are feature extractors), by enum name, plus
+    DEFAULT_WEIGHTS; `preset(name, weights)` gives each one's Architecture fields."""
+    def published() -> dict[str, Published]:
+        import torchvision
+
+        enum = torchvision.models.get_model_weights(name)
+        out = {w.name: Published(architecture=name, name=w.name, url=w.url,
+                                 filename=os.path.basename(urlparse(w.url).path),
+                                 labels=tuple(w.meta["categories"]),
+                                 preset=preset(name, w) if preset is not None else {})
+               for w in enum if w.meta.get("categories")}
+        if enum.DEFAULT.name in out:
+            out[DEFAULT_WEIGHTS] = out[enum.DEFAULT.name]
+        return out
+    return published
 
 
 def contract(layout: str, count: int | None = None, **sizes: int) -> tuple[TensorSpec, ...]:

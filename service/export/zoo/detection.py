@@ -54,7 +54,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ...spec import TensorSpec
 from ...pipelines import layouts
-from . import Architecture, contract, register
+from . import Architecture, contract, register, torchvision_published
 
 COCO_NUM_CLASSES = 91  # torchvision's COCO indexing: 80 classes, gaps, 0 = background
 COCO_LABELS_RESOURCE = "coco_categories.txt"
@@ -253,4 +253,6 @@ for _name, _task, _k, _eps in (
         output_layout="rcnn_candidates",
         options=_options(_k), output_specs=_output_specs(_masks, _k), variable_input_size=True,
         sized_options=_sized_options, classes_key="roi_heads.box_predictor.cls_score.weight",
+        # COCO_V1: their preset is torchvision's own resize inside the model (min_size).
+        published=torchvision_published(_name),
     ))

@@ -21,7 +21,7 @@ from torch import nn
 
 from ...spec import TensorSpec
 from ...pipelines import layouts
-from . import Architecture, Normalize, contract, register
+from . import Architecture, Normalize, Published, contract, register
 
 # The official data pipeline maps pixels to [-1, 1]: (x / 255 - 0.5) / 0.5.
 GAN_MEAN, GAN_STD = layouts.GAN_MEAN, layouts.GAN_STD
@@ -307,12 +307,33 @@ def _any_size_output(n_labels: int, height: int, width: int) -> tuple[TensorSpec
     return contract("image_nchw_tanh", H=-1, W=-1)
 
 
+# The official project's published generators (its scripts/download_cyclegan_model.sh
+# and scripts/download_pix2pix_model.sh): name -> URL. Cached as <architecture>_<name>.pth,
+# since both projects publish a sat2map, a map2sat and a facades_label2photo.
+CYCLEGAN_URL = "http://efrosgans.eecs.berkeley.edu/cyclegan/pretrained_models/{}.pth"
+CYCLEGAN_PUBLISHED = (
+    "apple2orange", "orange2apple", "summer2winter_yosemite", "winter2summer_yosemite", "horse2zebra",
+    "zebra2horse", "monet2photo", "style_monet", "style_cezanne", "style_ukiyoe", "style_vangogh", "sat2map",
+    "map2sat", "cityscapes_photo2label", "cityscapes_label2photo", "facades_photo2label", "facades_label2photo",
+    "iphone2dslr_flower",
+)
+PIX2PIX_URL = "http://efrosgans.eecs.berkeley.edu/pix2pix/models-pytorch/{}.pth"
+PIX2PIX_PUBLISHED = ("edges2shoes", "sat2map", "map2sat", "facades_label2photo", "day2night")
+
+
+def _published(architecture: str, url: str, names: tuple[str, ...]):
+    def published() -> dict[str, Published]:
+        return {name: Published(architecture, name, url.format(name), f"{architecture}_{name}.pth")
+                for name in names}
+    return published
+
+
 register(Architecture(
     name="pix2pix", task="generation", build=build_pix2pix, wrap=_wrap, num_classes=0, labels_resource="",
     input_size=(PIX2PIX_SIZE, PIX2PIX_SIZE), resize_mode="stretch", mean=GAN_MEAN, std=GAN_STD,
     output_layout="image_nchw_tanh",
     options=layouts.get("image_nchw_tanh").option_strings(batch_norm="per_image"), output_specs=_fixed_size_output,
-    adapt_state_dict=adapt_official_state_dict,
+    adapt_state_dict=adapt_official_state_dict, published=_published("pix2pix", PIX2PIX_URL, PIX2PIX_PUBLISHED),
 ))
 register(Architecture(
     # input_size is the nominal size for parity checks and warm-up; the exported input
@@ -323,5 +344,5 @@ register(Architecture(
     options=layouts.get("image_nchw_tanh").option_strings(
         size_multiple=CYCLEGAN_SIZE_MULTIPLE, min_side=CYCLEGAN_MIN_SIDE, max_side=CYCLEGAN_MAX_SIDE),
     output_specs=_any_size_output, variable_input_size=True,
-    adapt_state_dict=adapt_official_state_dict,
+    adapt_state_dict=adapt_official_state_dict, published=_published("cyclegan", CYCLEGAN_URL, CYCLEGAN_PUBLISHED),
 ))
