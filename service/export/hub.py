@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from . import ExportError
-from .zoo import DEFAULT_WEIGHTS as DEFAULT
+from .zoo import DEFAULT_WEIGHTS as DEFAULT  # noqa: F401  (the CLI names the default as hub.DEFAULT)
 from .zoo import Architecture, Published
 
 # The cache's files are read in pieces of this size to hash them.
