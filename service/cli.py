@@ -114,10 +114,14 @@ def export_defaults(settings) -> None:
     """Export the default model set into an empty repository, each in a subprocess so
     that the serving process never holds torch: with published weights where they are
     in torch.hub's cache, seeded otherwise (each export says which)."""
-    for arch in settings.default_model_list:
-        print(f"convserve: exporting default model {arch} into {settings.model_repository} ...", flush=True)
+    models = settings.default_model_list
+    start = time.monotonic()
+    for k, arch in enumerate(models, 1):
+        print(f"convserve: [{k}/{len(models)}, {time.monotonic() - start:.0f} s] exporting default model {arch} "
+              f"into {settings.model_repository} (a first start takes minutes) ...", flush=True)
         subprocess.run([sys.executable, "-m", "service.cli", "export", arch, "--published-if-cached",
                         "--repo", str(settings.model_repository)], check=True)
+    print(f"convserve: {len(models)} default models exported in {time.monotonic() - start:.0f} s", flush=True)
 
 
 # ------------------------------------------------------------------------ triton
