@@ -16,9 +16,14 @@ from PIL import Image, ImageOps
 from .._proto import vision_pb2, vision_pb2_grpc
 
 
+# Exit statuses: 2 for what the caller sent (the command-line convention for a usage
+# error, as `convserve export` uses it), 1 for everything else (server down, overload).
+CALLER_ERRORS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
+
+
 def _fail(error: grpc.RpcError) -> int:
     print(f"convserve predict: {error.code().name}: {error.details()}", file=sys.stderr)
-    return 1
+    return 2 if error.code() in CALLER_ERRORS else 1
 
 
 def _upright(path) -> Image.Image:

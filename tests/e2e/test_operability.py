@@ -162,4 +162,12 @@ def test_predict_cli_table_json_and_png(stack, tmp_path):
         assert result.format == "PNG" and result.size == photo("chelsea.png").size
     missing = subprocess.run(base[:-4] + ["--model", "nope", "--server", stack.address],
                              capture_output=True, text=True, timeout=60)
-    assert missing.returncode != 0 and "NOT_FOUND" in missing.stderr
+    assert missing.returncode == 2 and "NOT_FOUND" in missing.stderr
+    # What the caller sent is exit 2 with the field and the reason, never a traceback.
+    garbage = tmp_path / "garbage.jpg"
+    garbage.write_bytes(bytes(range(256)) * 4)
+    bad = subprocess.run(base[:4] + [str(garbage)] + base[5:],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "INVALID_ARGUMENT: images[0].encoded: not a decodable image" in bad.stderr, \
+        bad.stderr
+    assert "Traceback" not in bad.stderr
