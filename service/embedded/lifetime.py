@@ -48,10 +48,6 @@ else:  # pragma: no cover - not Linux
     _prctl = None
 
 
-def supported() -> bool:
-    return _prctl is not None
-
-
 def set_parent_death_signal(signum: int = signal.SIGKILL) -> bool:
     """Ask the kernel to send `signum` to this process when its parent thread exits.
     False where that is not available (not Linux)."""
