@@ -68,7 +68,7 @@ MIN_SIZE, MAX_SIZE = (layouts.get("rcnn_candidates").default(k) for k in ("min_s
 # survive NMS among the top 300).
 FASTER_MAX_CANDIDATES, MASK_MAX_CANDIDATES = 1000, 300
 # torchvision's RoIHeads: boxes with a side under this many pixels are dropped.
-MIN_BOX_SIDE = 1e-2
+MIN_BOX_SIDE = layouts.MIN_BOX_SIZE
 MASK_SIZE = 28  # Mask R-CNN's mask head output, per box
 
 
