@@ -101,11 +101,10 @@ def _number(v: float) -> str:
 class Settings(Mapping):
     """A spec's parsed options: every option of its layout (the spec's value, else the
     default) as an attribute, ``settings.score_threshold``. Options the layout does not
-    declare are kept as strings (``settings.extra``): an exporter may record more."""
+    declare are not served from: they stay in ``spec.options`` as written."""
 
-    def __init__(self, values: dict[str, Any], extra: dict[str, str]):
+    def __init__(self, values: dict[str, Any]):
         self._values = dict(values)
-        self.extra = dict(extra)
 
     def __getattr__(self, key: str) -> Any:
         try:
@@ -238,13 +237,10 @@ class Layout:
         """Typed options from a spec's string options; raises BadModelOption."""
         declared = {o.key: o for o in self.options}
         values = {key: o.default for key, o in declared.items()}
-        extra = {}
         for key, text in options.items():
             if key in declared:
                 values[key] = declared[key].parse(text)
-            else:
-                extra[key] = str(text)
-        return Settings(values, extra)
+        return Settings(values)
 
     def option_strings(self, *keys: str, **overrides: Any) -> dict[str, str]:
         """Spec options for an export: `keys` at their defaults, then `overrides`
