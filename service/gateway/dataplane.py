@@ -107,14 +107,14 @@ class DataPlane:
         items: one item per call for a model whose batch axis is fixed at 1 (each
         call's leading axis of 1 is then the batch in the model's dims). All calls run
         concurrently and the outputs are split back per image, in order."""
-        batches = batch_plan([len(next(iter(t.values()))) for t in per_image],
-                             [_shape_key(t) for t in per_image], spec.items_per_call)
+        counts = [len(next(iter(t.values()))) for t in per_image]
+        batches = batch_plan(counts, [_shape_key(t) for t in per_image], spec.items_per_call)
         calls = []
         for batch in batches:
             # A call of one image's items (the common request) is sent as it is, without a copy.
             if len(batch.parts) == 1:
                 i, lo, hi = batch.parts[0]
-                tensors = per_image[i] if (lo, hi) == (0, len(next(iter(per_image[i].values())))) else \
+                tensors = per_image[i] if (lo, hi) == (0, counts[i]) else \
                     {name: a[lo:hi] for name, a in per_image[i].items()}
             else:
                 tensors = {name: np.concatenate([per_image[i][name][lo:hi] for i, lo, hi in batch.parts])
