@@ -10,6 +10,7 @@ is timed in metrics.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -80,8 +81,16 @@ class DataPlane:
                 raise InvalidArgument(f"images[{i}].encoded",
                                       f"{len(image.encoded)} bytes is over the limit of {max_bytes} bytes per image")
 
-    async def _in_pool(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+    async def _in_pool(self, model: str, fn):
+        """Run `fn()` in the preprocessing pool; the time it waits there for a thread is
+        stage `pool_wait` (how saturated the pool is)."""
+        queued = time.perf_counter()
+
+        def timed_fn():
+            metrics.observe_stage(model, "pool_wait", time.perf_counter() - queued)
+            return fn()
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool, timed_fn)
 
     async def prepare(
         self, images: Sequence[ImageInput], spec: ModelSpec, task: Task, options,
@@ -96,7 +105,7 @@ class DataPlane:
             with metrics.stage(spec.name, "preprocess"):
                 return [task.preprocess(d, spec, options) for d in decoded]
 
-        return await self._in_pool(work)
+        return await self._in_pool(spec.name, work)
 
     async def infer(
         self, spec: ModelSpec, version: str, per_image: list[Tensors], timeout_s: float | None
@@ -149,7 +158,7 @@ class DataPlane:
             with metrics.stage(spec.name, "postprocess"):
                 return [task.postprocess(o, c, spec, options) for o, (_, c) in zip(outputs, prepared)]
 
-        return Answer(spec.name, answered_version, await self._in_pool(post))
+        return Answer(spec.name, answered_version, await self._in_pool(spec.name, post))
 
     # --- discovery
     async def list_models(self) -> list[tuple[ModelStatus, ModelSpec | None]]:

@@ -26,7 +26,8 @@ LATENCY = Histogram(
 STAGE_LATENCY = Histogram(
     "convserve_stage_duration_seconds",
     "Time spent per request in each pipeline stage (decode, preprocess, infer, postprocess; "
-    "proposals: R-CNN/Fast R-CNN selective search, per image, inside preprocess).",
+    "pool_wait: waiting for a preprocessing thread; proposals: R-CNN/Fast R-CNN selective "
+    "search, per image, inside preprocess).",
     ["model", "stage"], buckets=LATENCY_BUCKETS)
 IN_FLIGHT = Gauge("convserve_requests_in_flight", "Requests being handled now.", ["method"])
 REQUEST_BYTES = Histogram(
@@ -34,6 +35,11 @@ REQUEST_BYTES = Histogram(
     ["method"], buckets=BYTES_BUCKETS)
 IMAGES = Counter("convserve_images", "Images processed, by method and model.", ["method", "model"])
 TRITON_READY = Gauge("convserve_triton_ready", "1 while Triton reports ready, else 0.")
+
+
+def observe_stage(model: str, name: str, seconds: float) -> None:
+    """Record `seconds` as pipeline stage `name` of `model`."""
+    STAGE_LATENCY.labels(model, name).observe(seconds)
 
 
 @contextmanager
