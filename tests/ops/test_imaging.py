@@ -383,3 +383,20 @@ def test_jpeg_pixels_equal_pillows(photo_name, quality, subsampling, progressive
         data = buffer.getvalue()
         decoded = imaging.decode_encoded(data, "f", MAX_PIXELS)
         np.testing.assert_array_equal(as_array(decoded.image), as_array(Image.open(io.BytesIO(data)).convert("RGB")))
+
+
+def test_marker_search_on_masked_bytes_equals_the_regex_on_the_file():
+    # jpeg_body finds markers with bytes.find on the file whose stuffed 0xFF 0x00 bytes
+    # are masked; the slow, obvious search is the marker regex over the file itself.
+    from service.ops import _jpeg
+
+    rng = np.random.default_rng(0)
+    alphabet = np.array([0x00, 0xFF, 0xD9, 0xDA, 0xD0, 0x12], dtype=np.uint8)
+    for _ in range(300):
+        data = alphabet[rng.integers(0, len(alphabet), rng.integers(1, 40))].tobytes()
+        masked = data.replace(_jpeg._STUFFED, _jpeg._MASKED)
+        for pos in range(len(data) + 1):
+            want = _jpeg._MARKER.search(data, pos)
+            got = _jpeg._next_marker(masked, pos)
+            assert (got and (got.start(), got.end(), got.group(1))) == \
+                (want and (want.start(), want.end(), want.group(1))), (data, pos)
