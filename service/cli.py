@@ -58,7 +58,7 @@ def cmd_export(args) -> int:
                 args.architecture, settings.model_repository, name=args.name, weights=weights,
                 labels_file=args.labels, num_classes=args.num_classes, fmt=args.format,
                 input_size=args.input_size and args.input_size[0], seed=args.seed,
-                options=_parse_options(args.option),
+                options=_parse_options(args.option), cpu_runtime=args.cpu_runtime,
                 max_batch_size=DEFAULT_MAX_BATCH_SIZE if args.max_batch_size is None else args.max_batch_size,
                 **common)
     except (ExportError, ValueError) as exc:
@@ -66,6 +66,8 @@ def cmd_export(args) -> int:
         return 2
     print(f"exported {result.name} version {result.version} to {result.path} "
           f"(max abs diff against eager {result.max_abs_diff:.2e})")
+    if result.cpu_runtime:
+        print(f"  the embedded CPU profile runs it with {result.cpu_runtime}")
     if result.spec.sources:  # an imported file: say where each value came from
         print("  " + ", ".join(f"{key} from {where}" for key, where in result.spec.sources.items()))
     return 0
@@ -136,7 +138,8 @@ def _launch_triton(settings):
     return start_triton(
         settings.model_repository, http_port=settings.triton_http_port, grpc_port=settings.triton_grpc_port,
         metrics_port=settings.triton_metrics_port, log_path=settings.triton_log,
-        state_dir=settings.triton_log.parent, bind_address=settings.triton_bind_address)
+        state_dir=settings.triton_log.parent, bind_address=settings.triton_bind_address,
+        threads=settings.torch_threads)
 
 
 def _start_triton(settings):
@@ -356,6 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "in torch.hub's cache, else seeded weights (never downloads; what `serve` does for its "
                    "default set)")
     p.add_argument("--format", choices=("torchscript", "onnx", "tensorrt"), default="torchscript")
+    p.add_argument("--cpu-runtime", choices=("onnxruntime", "torchscript"), default="onnxruntime",
+                   help="TorchScript exports: what the embedded CPU profile runs. onnxruntime (default) also "
+                   "writes the model's ONNX file, kept where it holds parity with eager (else TorchScript runs); "
+                   "production keeps libtorch either way")
     p.add_argument("--name", help="entry name (default: the architecture, plus _onnx/_trt for those formats; "
                    "with --from-file, the file's stem)")
     p.add_argument("--labels", type=Path, help="labels file, one name per line")

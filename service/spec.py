@@ -58,6 +58,9 @@ PRODUCTION_PLATFORM = {
 }
 CPU_BACKEND = {"torchscript": "torchscript", "onnx": "onnxruntime"}
 MODEL_FILENAME = {"torchscript": "model.pt", "onnx": "model.onnx", "tensorrt": "model.plan"}
+# How long Triton's dynamic batcher holds a request for others to join it (see
+# `to_model_config`).
+DYNAMIC_BATCHING_DELAY_US = 0
 
 
 @dataclass(frozen=True)
@@ -235,11 +238,16 @@ class ModelSpec:
         version_policy: str = "latest",
         instance_count: int = 1,
         max_queue_size: int = 0,
+        cpu_fmt: str | None = None,
     ) -> mc.ModelConfig:
         """Render the `production` (NGC tritonserver) or `cpu` (embedded) profile.
 
         Both profiles carry identical inputs, outputs and parameters; they differ only in
-        platform/backend, instance placement and warm-up.
+        platform/backend, model file, instance placement and warm-up. The production
+        profile runs the `fmt` file; the cpu profile runs the `cpu_fmt` file (default
+        `fmt`): an entry exported as TorchScript also holds its ONNX export, which the
+        embedded CPU profile runs with ONNX Runtime (faster on CPU) while production
+        keeps libtorch.
         """
         if fmt not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
@@ -256,16 +264,22 @@ class ModelSpec:
                     mc.ModelWarmup.Input(data_type=triton_type(tensor.dtype), dims=[
                         d if d > 0 else 64 for d in self.config_dims(tensor)], zero_data=True))
         elif profile == "cpu":
-            if fmt not in CPU_BACKEND:
-                raise ValueError(f"format {fmt!r} has no CPU profile")
-            config.backend = CPU_BACKEND[fmt]
+            cpu_fmt = cpu_fmt or fmt
+            if cpu_fmt not in CPU_BACKEND:
+                raise ValueError(f"format {cpu_fmt!r} has no CPU profile")
+            config.backend = CPU_BACKEND[cpu_fmt]
+            config.default_model_filename = MODEL_FILENAME[cpu_fmt]
             config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instance_count)
         else:
             raise ValueError(f"profile must be production or cpu, got {profile!r}")
         if self.max_batch_size > 0:
-            # Gather concurrent requests into one forward pass; a short delay is enough
-            # to fill batches under load without adding latency when idle.
-            config.dynamic_batching.max_queue_delay_microseconds = 2000
+            # Gather concurrent requests into one forward pass, without delay: the batch
+            # is what queued while the instance was busy, so batches fill under load and
+            # a lone request (one caller) starts at once. A delay would hold every
+            # lone request that long for nothing (2 ms measured at concurrency 1,
+            # docs/performance.md).
+            config.dynamic_batching.SetInParent()
+            config.dynamic_batching.max_queue_delay_microseconds = DYNAMIC_BATCHING_DELAY_US
             if max_queue_size > 0:
                 # Past this many queued requests Triton refuses at once; the gateway
                 # answers RESOURCE_EXHAUSTED instead of letting latency grow unbounded.

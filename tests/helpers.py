@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import socket
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -143,3 +144,56 @@ def assert_close_scaled(got, want, rtol: float, atol: float = 0.0, err_msg: str 
     bound = atol + rtol * scale
     assert diff <= bound, (f"{prefix}max abs diff {diff:.3g} exceeds {bound:.3g} "
                            f"(atol {atol:g} + rtol {rtol:g} x max|want| {scale:.3g})")
+
+
+def served_threads(repo: Path) -> int:
+    """The intra-op threads each model instance of the embedded Triton on `repo` runs
+    with (what `start_triton` gives them)."""
+    import os
+
+    from service.embedded import THREADS_VARIABLE, available_cores, backend_threads, repository_instances
+
+    return int(os.environ.get(THREADS_VARIABLE) or 0) or backend_threads(available_cores(),
+                                                                        repository_instances(repo))
+
+
+@contextmanager
+def torch_threads(threads: int):
+    """torch's intra-op thread count set to `threads` for the block, then restored.
+    A reference computed with the served thread count sums in the served order, so
+    results agree to the last bits (other counts split reductions otherwise, and a
+    detector's in-graph NMS can then keep other near-tied rows)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_cpu_profile_file(entry: Path, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    """Run, in this process, the model file that `entry`'s embedded CPU profile serves
+    (configs/cpu.pbtxt: TorchScript through torch, or its ONNX file through ONNX
+    Runtime), with the served thread count, on `inputs` in the config's input order;
+    its outputs in output order."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    config = text_format.Parse((entry / "configs" / "cpu.pbtxt").read_text(), mc.ModelConfig())
+    path = entry / "1" / config.default_model_filename
+    threads = served_threads(entry.parent)
+    if config.backend == "onnxruntime":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return session.run([o.name for o in config.output], {i.name: a for i, a in zip(config.input, inputs)})
+    import torch
+
+    model = torch.jit.load(str(path)).eval()
+    with torch.inference_mode(), torch_threads(threads):
+        out = model(*[torch.from_numpy(a) for a in inputs])
+    return [t.numpy() for t in (out if isinstance(out, (tuple, list)) else (out,))]

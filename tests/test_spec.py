@@ -32,6 +32,26 @@ def test_profiles_share_tensors_and_parameters():
     assert len(prod.model_warmup) == 1 and prod.dynamic_batching is not None
 
 
+@pytest.mark.parametrize("profile", ["production", "cpu"])
+def test_dynamic_batching_holds_no_request_back(profile):
+    # Batches form from what queued while the instance was busy; a lone request starts
+    # at once (a queue delay held every request at concurrency 1 that long).
+    text = text_format.MessageToString(sample_spec().to_model_config(profile))
+    config = text_format.Parse(text, mc.ModelConfig())
+    assert config.HasField("dynamic_batching")
+    assert config.dynamic_batching.max_queue_delay_microseconds == 0
+
+
+def test_cpu_profile_runs_the_onnx_companion_production_the_torchscript_file():
+    spec = sample_spec()
+    prod = spec.to_model_config("production", "torchscript", cpu_fmt="onnx")
+    cpu = spec.to_model_config("cpu", "torchscript", cpu_fmt="onnx")
+    assert (prod.platform, prod.default_model_filename) == ("pytorch_libtorch", "model.pt")
+    assert (cpu.backend, cpu.default_model_filename) == ("onnxruntime", "model.onnx")
+    with pytest.raises(ValueError, match="format 'tensorrt' has no CPU profile"):
+        spec.to_model_config("cpu", "torchscript", cpu_fmt="tensorrt")
+
+
 def test_foreign_config_is_rejected():
     with pytest.raises(ValueError, match="convserve.task"):
         ModelSpec.from_model_config(mc.ModelConfig(name="x"))

@@ -8,6 +8,7 @@ next to the python backend's library and the stub that matches this interpreter.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import signal
@@ -59,6 +60,45 @@ def assemble_backends(target: Path) -> Path:
         (target / name).mkdir(exist_ok=True)
         _copy_if_changed(here / name / "model.py", target / name / "model.py")
     return target
+
+
+# The variable the backends read their intra-op thread count from (settings.torch_threads).
+THREADS_VARIABLE = "CONVSERVE_TORCH_THREADS"
+
+
+def available_cores() -> int:
+    """The cores this process may run on: its CPU affinity, lowered to a cgroup v2 CPU
+    quota (a container's CPU limit, `/sys/fs/cgroup/cpu.max`) where one is set."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def repository_instances(repository: Path) -> int:
+    """Model instances the embedded profile will load: the instance-group counts of every
+    entry's configs/cpu.pbtxt (1 where a config names none)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    total = 0
+    for path in Path(repository).glob("*/configs/cpu.pbtxt"):
+        try:
+            config = text_format.Parse(path.read_text(), mc.ModelConfig())
+        except (OSError, text_format.ParseError):
+            continue  # Triton itself reports a broken config
+        total += sum(group.count or 1 for group in config.instance_group) or 1
+    return total
+
+
+def backend_threads(cores: int, instances: int) -> int:
+    """Intra-op threads per model instance so that all instances together use no more
+    threads than `cores` (at least 1 each): see settings.torch_threads for why."""
+    return max(1, cores // max(1, instances))
 
 
 def _copy_if_changed(source: Path, dest: Path) -> None:
@@ -170,10 +210,13 @@ def start_triton(
     state_dir: Path,
     exit_timeout_s: int = 30,
     bind_address: str = "127.0.0.1",
+    threads: int = 0,
 ) -> TritonProcess:
     """Start the embedded tritonserver on `repository` (CPU profile); returns at once.
 
-    Call `wait_ready` on the result to block until every model is loaded.
+    Call `wait_ready` on the result to block until every model is loaded. Each model
+    instance runs `threads` intra-op threads (0: `backend_threads` shares the cores out
+    over the repository's instances); the backends read it as CONVSERVE_TORCH_THREADS.
 
     tritonserver runs in a session and process group of its own (a terminal's Ctrl-C
     reaches the caller only, who stops Triton after the gateway has drained), and it
@@ -196,6 +239,8 @@ def start_triton(
     # where torch, onnxruntime and the service package are installed.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in [str(libs), env.get("LD_LIBRARY_PATH", "")] if p)
+    instances = repository_instances(repository)
+    env[THREADS_VARIABLE] = str(threads or backend_threads(available_cores(), instances))
     command = [
         str(root / "bin" / "tritonserver"),
         f"--model-repository={repository}",
@@ -213,7 +258,8 @@ def start_triton(
         "--log-verbose=0",
     ]
     log.info("starting tritonserver", extra={"repository": str(repository), "grpc_port": grpc_port,
-                                             "log": str(log_path)})
+                                             "log": str(log_path), "model_instances": instances,
+                                             "threads_per_instance": int(env[THREADS_VARIABLE])})
     with open(log_path, "ab") as log_file:
         # The preexec_fn only calls prctl, getppid and kill, set up before the fork, so it
         # is safe beside the gateway's threads.

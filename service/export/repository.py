@@ -16,12 +16,13 @@ from typing import Callable
 import numpy as np
 import torch
 from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
 
 from ..pipelines import layouts
 from ..spec import MODEL_FILENAME, SEEDED, ModelSpec, TensorSpec
 from . import ExportError, hub, zoo
 from .checkpoints import apply_state_dict, checkpoint_num_classes, load_state_dict, resolve_labels
-from .formats import write_model_file
+from .formats import compare, to_onnx, write_model_file
 
 log = logging.getLogger("convserve.export")
 
@@ -38,6 +39,8 @@ class ExportResult:
     version: int
     spec: ModelSpec
     max_abs_diff: float
+    # What the embedded CPU profile runs: "onnxruntime" or "torchscript" ("" for TensorRT).
+    cpu_runtime: str = ""
 
 
 def build_spec(arch: zoo.Architecture, name: str, labels: list[str], max_batch_size: int,
@@ -111,6 +114,7 @@ def export_model(
     seed: int = 0,
     options: dict[str, str] | None = None,
     instances: int = 1,
+    cpu_runtime: str = "onnxruntime",
 ) -> ExportResult:
     """Export zoo architecture `arch_name` (+ checkpoint) as entry `name`, version `version`;
     `options` override the architecture's spec options (e.g. ``--option proposals=50``).
@@ -118,10 +122,19 @@ def export_model(
     `weights` is a checkpoint file, or (a str) the name of weights published for the
     architecture (``DEFAULT``, ``IMAGENET1K_V2``, ``horse2zebra``): those are fetched
     into torch.hub's cache (`hub.fetch`) and bring their own preprocessing preset and
-    labels."""
+    labels.
+
+    `cpu_runtime` (a TorchScript export only): ``onnxruntime`` also writes the model's
+    ONNX file, checked like the TorchScript one, for the embedded CPU profile to run
+    (`CPU_RUNTIME_WHY`); where it cannot be exported or misses parity, the CPU profile
+    runs the TorchScript file and the reason is logged. ``torchscript`` writes no ONNX,
+    nor does a model whose layout selects its outputs itself (`Layout.selects_in_model`:
+    Faster/Mask R-CNN's in-graph NMS)."""
     arch = zoo.get(arch_name)
     if fmt not in NAME_SUFFIX:
         raise ExportError(f"format must be one of {', '.join(NAME_SUFFIX)}, got {fmt!r}")
+    if cpu_runtime not in CPU_RUNTIMES:
+        raise ExportError(f"--cpu-runtime must be one of {', '.join(CPU_RUNTIMES)}, got {cpu_runtime!r}")
     name = name or default_name(arch.name, fmt)
     published = hub.lookup(arch, weights)
     if published is not None:
@@ -156,10 +169,53 @@ def export_model(
     def write(path: Path) -> float:
         return write_model_file(fmt, wrapped, inputs, expected, path, spec)
 
+    def write_onnx_companion(path: Path) -> bool:
+        return onnx_companion(wrapped, inputs, expected, path, spec, arch, seed)
+
     path, diff = write_entry(repo, spec, fmt, version, write, version_policy=version_policy,
-                             max_queue_size=max_queue_size, instance_count=instances)
+                             max_queue_size=max_queue_size, instance_count=instances,
+                             write_cpu_model=write_onnx_companion if cpu_runtime == "onnxruntime"
+                             and not arch.layout.selects_in_model else None)
     log.info("exported", extra={"model": name, "path": str(path), "version": version, "format": fmt})
-    return ExportResult(name, path, version, spec, diff)
+    return ExportResult(name, path, version, spec, diff, cpu_runtime=cpu_runtime_of(path))
+
+
+# The embedded CPU profile's runtime for a TorchScript export (`--cpu-runtime`).
+CPU_RUNTIMES = ("onnxruntime", "torchscript")
+CPU_RUNTIME_WHY = ("ONNX Runtime ran the same weights 1.3-1.4x faster than TorchScript on these CPUs "
+                   "(docs/performance.md); production keeps libtorch (or TensorRT) on the same entry")
+# A second input size at which a variable-size model's ONNX file must also hold parity:
+# a trace can fix a size it was made at; this catches it.
+SECOND_SIZE_STEP = 32
+
+
+def onnx_companion(wrapped: torch.nn.Module, inputs: tuple[torch.Tensor, ...], expected, path: Path,
+                   spec: ModelSpec, arch: zoo.Architecture, seed: int) -> bool:
+    """Write `wrapped`'s ONNX file to `path` for the embedded CPU profile; True when it
+    holds parity with eager on the example inputs (and, for a variable-size model, at a
+    second size too). False, with the reason logged, where it cannot be exported or
+    misses parity: the CPU profile then runs the TorchScript file."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's warnings; parity is checked below
+            to_onnx(wrapped, inputs, expected, path, spec)
+            if arch.variable_input_size:
+                height, width = inputs[0].shape[2:]
+                other = example_inputs(spec, arch, seed + 1, size=(height + SECOND_SIZE_STEP,
+                                                                   width + SECOND_SIZE_STEP))
+                with torch.inference_mode():
+                    want = wrapped(*other)
+                import onnxruntime as ort
+
+                session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+                names = [t.name for t in spec.outputs]
+                got = session.run(names, {t.name: v.numpy() for t, v in zip(spec.inputs, other)})
+                compare(want, [torch.from_numpy(g) for g in got], "ONNX Runtime (second size)", names)
+    except Exception as exc:  # any exporter failure: keep TorchScript for the CPU profile
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        log.warning(f"{spec.name}: no ONNX file for the embedded CPU profile, which runs TorchScript ({reason})")
+        return False
+    return True
 
 
 def example_batch(spec: ModelSpec, seed: int, batch: int = 2, size: tuple[int, int] = (64, 64)) -> torch.Tensor:
@@ -184,26 +240,54 @@ def example_inputs(spec: ModelSpec, arch: zoo.Architecture, seed: int, batch: in
                       for t in extra))
 
 
+def entry_format(version_dir: Path) -> str | None:
+    """The format a version directory was exported in: its primary model file's (a
+    TorchScript entry's `model.onnx` is its CPU companion, not its format)."""
+    for fmt in ("torchscript", "tensorrt", "onnx"):
+        if (version_dir / MODEL_FILENAME[fmt]).is_file():
+            return fmt
+    return None
+
+
+def cpu_runtime_of(entry: Path) -> str:
+    """What the embedded CPU profile of `entry` runs, read from its configs/cpu.pbtxt."""
+    path = entry / "configs" / "cpu.pbtxt"
+    if not path.is_file():
+        return ""
+    return text_format.Parse(path.read_text(), mc.ModelConfig()).backend
+
+
 def write_entry(repo: Path, spec: ModelSpec, fmt: str, version: int, write_model: Callable[[Path], float],
                 *, version_policy: str = "latest", max_queue_size: int = 0,
-                instance_count: int = 1) -> tuple[Path, float]:
+                instance_count: int = 1, write_cpu_model: Callable[[Path], bool] | None = None,
+                ) -> tuple[Path, float]:
     """Write (or update) `<repo>/<name>`: `<version>/model.*`, both configs and labels.
 
     The model file is written and checked in a temporary directory first and renamed
     into place, so Triton never sees a half-written model. Other versions stay. An
     entry holds one format: adding a version in another format is refused.
-    `instance_count` copies of the model run side by side (Triton's instance group)."""
+    `instance_count` copies of the model run side by side (Triton's instance group).
+
+    `write_cpu_model`, for a TorchScript entry, writes the same model's ONNX file to the
+    path it is given and returns whether it holds parity (False: nothing kept). When
+    every version of the entry has one, the embedded CPU profile runs it with ONNX
+    Runtime (`CPU_RUNTIME_WHY`); production keeps the TorchScript file."""
     if instance_count < 1:
         raise ExportError(f"--instances must be at least 1, got {instance_count}")
     entry = Path(repo) / spec.name
-    existing = {p.name for p in entry.glob("[0-9]*/model.*")} if entry.exists() else set()
-    if existing and MODEL_FILENAME[fmt] not in existing:
-        raise ExportError(f"entry {spec.name!r} already holds {', '.join(sorted(existing))}; "
+    existing = {entry_format(p) for p in entry.glob("[0-9]*") if p.is_dir()} - {None} if entry.exists() else set()
+    if existing and existing != {fmt}:
+        files = sorted(p.name for p in entry.glob("[0-9]*/model.*"))
+        raise ExportError(f"entry {spec.name!r} already holds {', '.join(files)}; "
                           f"each entry has one format (choose another --name)")
     (entry / "configs").mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=entry))
     try:
         diff = write_model(tmp / MODEL_FILENAME[fmt])
+        if write_cpu_model is not None and fmt == "torchscript":
+            companion = tmp / MODEL_FILENAME["onnx"]
+            if not write_cpu_model(companion):
+                companion.unlink(missing_ok=True)
         target = entry / str(version)
         if target.exists():
             shutil.rmtree(target)
@@ -212,12 +296,16 @@ def write_entry(repo: Path, spec: ModelSpec, fmt: str, version: int, write_model
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     (entry / LABELS_FILE).write_text("\n".join(spec.labels) + "\n")
+    versions = [p for p in entry.glob("[0-9]*") if p.is_dir()]
+    cpu_fmt = "onnx" if fmt == "torchscript" and versions and all(
+        (p / MODEL_FILENAME["onnx"]).is_file() for p in versions) else fmt
     profiles = [("production", entry / "config.pbtxt")]
     if fmt != "tensorrt":  # a TensorRT plan needs a GPU: no embedded CPU profile
         profiles.append(("cpu", entry / "configs" / "cpu.pbtxt"))
     for profile, path in profiles:
         config = spec.to_model_config(profile, fmt, labels_file=LABELS_FILE, version_policy=version_policy,
-                                      max_queue_size=max_queue_size, instance_count=instance_count)
+                                      max_queue_size=max_queue_size, instance_count=instance_count,
+                                      cpu_fmt=cpu_fmt)
         path.write_text(f"# Written by convserve export ({profile} profile). Regenerate, don't edit.\n"
                         + text_format.MessageToString(config))
     return entry, diff

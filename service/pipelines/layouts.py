@@ -206,6 +206,12 @@ class Layout:
     doc: str = ""
     # Extra per-layout constants (e.g. a generator's denormalization), read by decoders.
     constants: dict[str, Any] = field(default_factory=dict)
+    # The model itself selects its outputs (its own top-k and NMS rank and cut): ONNX's
+    # TopK and NonMaxSuppression break ties in their own order, so an ONNX companion
+    # could keep other rows than eager, not only other last bits. The embedded CPU
+    # profile keeps TorchScript (eager's own ops) for these. Dense outputs (logits, raw
+    # predictions, maps) only move by rounding.
+    selects_in_model: bool = False
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -434,7 +440,7 @@ LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (
                Option("min_size", int, 800, 1, None, doc="the model's own resize: shorter side"),
                Option("max_size", int, 1333, 1, None, doc="the model's own resize: longer side at most"),
            ),
-           file_check=_candidates_check, resize=lambda s: {"max_side": s.max_input_side},
+           file_check=_candidates_check, resize=lambda s: {"max_side": s.max_input_side}, selects_in_model=True,
            doc="Faster/Mask R-CNN per-class candidates before the final NMS, best first; count__3 valid rows; "
                "masks__4 only for instance segmentation"),
     Layout("rcnn_regions", ("detection",), _REGION_OUTPUTS,

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from helpers import as_array, encode, photo
+from helpers import as_array, encode, photo, served_threads, torch_threads
 from service._proto import vision_pb2
 from stack_rcnn import RCNN_STACK_SIZE
 
@@ -37,9 +37,12 @@ def stock(stack):
 
     model = stock_model(MODEL, stack.checkpoints[MODEL], min_size=RCNN_STACK_SIZE)
 
+    threads = served_threads(stack.repo)
+
     def run(image):
         pixels = torch.from_numpy(np.array(as_array(image))).permute(2, 0, 1).float() / 255.0
-        with torch.inference_mode():
+        # With the served thread count: the same sums, so the same near-tied candidates.
+        with torch.inference_mode(), torch_threads(threads):
             out = model([pixels])[0]
         return {"boxes": out["boxes"].numpy(), "labels": out["labels"].numpy(), "scores": out["scores"].numpy(),
                 "masks": (out["masks"][:, 0] > 0.5).numpy()}

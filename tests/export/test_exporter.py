@@ -19,18 +19,22 @@ from service.spec import ModelSpec
 from helpers import assert_close_scaled
 
 # Small inputs where the architecture allows; ONNX's adaptive pooling needs the pooled
-# map to be a multiple of 6 (AlexNet) or 7 (VGG), which only 224 gives.
+# map to be a multiple of 6 (AlexNet) or 7 (VGG), which only 224 gives. The last field
+# is what the embedded CPU profile of the entry runs: a TorchScript export also holds
+# its ONNX file where that exports and holds parity (ResNet, GoogLeNet at 64), and runs
+# TorchScript where it cannot (AlexNet at 96, VGG at 64: the pooling above). VGG16 at
+# 224 asks for TorchScript only (`cpu_runtime`), sparing a second 528 MB file.
 CASES = [
-    ("resnet18", "torchscript", 64), ("resnet18", "onnx", 64),
-    ("resnet34", "torchscript", 64), ("resnet34", "onnx", 64),
-    ("resnet50", "torchscript", 64), ("resnet50", "onnx", 64),
-    ("resnet101", "torchscript", 64), ("resnet101", "onnx", 64),
-    ("googlenet", "torchscript", 64), ("googlenet", "onnx", 64),
-    ("alexnet", "torchscript", 96), ("alexnet", "onnx", 224),
-    ("vgg11", "torchscript", 64), ("vgg11", "onnx", 224),
-    ("vgg16_bn", "torchscript", 64), ("vgg16_bn", "onnx", 224),
+    ("resnet18", "torchscript", 64, "onnxruntime"), ("resnet18", "onnx", 64, "onnxruntime"),
+    ("resnet34", "torchscript", 64, "onnxruntime"), ("resnet34", "onnx", 64, "onnxruntime"),
+    ("resnet50", "torchscript", 64, "onnxruntime"), ("resnet50", "onnx", 64, "onnxruntime"),
+    ("resnet101", "torchscript", 64, "onnxruntime"), ("resnet101", "onnx", 64, "onnxruntime"),
+    ("googlenet", "torchscript", 64, "onnxruntime"), ("googlenet", "onnx", 64, "onnxruntime"),
+    ("alexnet", "torchscript", 96, "torchscript"), ("alexnet", "onnx", 224, "onnxruntime"),
+    ("vgg11", "torchscript", 64, "torchscript"), ("vgg11", "onnx", 224, "onnxruntime"),
+    ("vgg16_bn", "torchscript", 64, "torchscript"), ("vgg16_bn", "onnx", 224, "onnxruntime"),
     # VGG16 once at full size, in both formats.
-    ("vgg16", "torchscript", 224), ("vgg16", "onnx", 224),
+    ("vgg16", "torchscript", 224, "torchscript"), ("vgg16", "onnx", 224, "onnxruntime"),
 ]
 
 
@@ -38,21 +42,29 @@ def read_config(path: Path) -> mc.ModelConfig:
     return text_format.Parse(path.read_text(), mc.ModelConfig())
 
 
-@pytest.mark.parametrize("arch,fmt,size", CASES)
-def test_export_parity_every_architecture(tmp_path, arch, fmt, size):
+@pytest.mark.parametrize("arch,fmt,size,cpu_runtime", CASES)
+def test_export_parity_every_architecture(tmp_path, arch, fmt, size, cpu_runtime):
     # export_model itself compares the exported file with eager (a bound that scales
     # with each output, see export.formats.parity_bound) and raises on a mismatch;
     # test_parity_failure_is_refused and tests/export/test_exporter_parity.py show that it does.
-    result = export_model(arch, tmp_path, fmt=fmt, input_size=size, num_classes=10, max_batch_size=4)
+    asked = "torchscript" if (arch, fmt, size) == ("vgg16", "torchscript", 224) else "onnxruntime"
+    result = export_model(arch, tmp_path, fmt=fmt, input_size=size, num_classes=10, max_batch_size=4,
+                          cpu_runtime=asked)
     entry = tmp_path / (arch if fmt == "torchscript" else f"{arch}_onnx")
-    assert (entry / "1" / ("model.pt" if fmt == "torchscript" else "model.onnx")).is_file()
+    files = {"onnxruntime": "model.onnx", "torchscript": "model.pt"}
+    expected = {"model.pt", files[cpu_runtime]} if fmt == "torchscript" else {"model.onnx"}
+    assert {p.name for p in (entry / "1").iterdir()} == expected
     prod, cpu = read_config(entry / "config.pbtxt"), read_config(entry / "configs" / "cpu.pbtxt")
     # The production profile parses with Triton's model_config.proto and carries the
     # same tensors and parameters as the embedded profile.
     assert list(prod.input) == list(cpu.input) and list(prod.output) == list(cpu.output)
     assert dict(prod.parameters) == dict(cpu.parameters)
+    # Production runs the exported format; the embedded CPU profile runs the fastest
+    # file the entry holds.
     assert prod.platform == {"torchscript": "pytorch_libtorch", "onnx": "onnxruntime_onnx"}[fmt]
-    assert cpu.backend == {"torchscript": "torchscript", "onnx": "onnxruntime"}[fmt]
+    assert prod.default_model_filename == ("model.pt" if fmt == "torchscript" else "model.onnx")
+    assert (cpu.backend, cpu.default_model_filename) == (cpu_runtime, files[cpu_runtime])
+    assert result.cpu_runtime == cpu_runtime
     spec = ModelSpec.from_model_config(cpu)
     assert (spec.input_height, spec.input_width, len(spec.labels)) == (size, size, 10)
 

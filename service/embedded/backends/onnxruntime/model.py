@@ -11,6 +11,7 @@ class TritonPythonModel(BatchedModel):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
+        # Set by the launcher (start_triton): this instance's share of the cores.
         threads = int(os.environ.get("CONVSERVE_TORCH_THREADS", "0"))
         if threads > 0:
             options.intra_op_num_threads = threads

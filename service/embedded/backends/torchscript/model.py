@@ -20,6 +20,7 @@ class TritonPythonModel(BatchedModel):
         from service.export import tvshim
 
         tvshim.install()
+        # Set by the launcher (start_triton): this instance's share of the cores.
         threads = int(os.environ.get("CONVSERVE_TORCH_THREADS", "0"))
         if threads > 0:
             torch.set_num_threads(threads)
