@@ -124,11 +124,21 @@ class LocalModel:
 
 
 def model_file(repo: Path, model: str) -> Path:
-    return next((repo / model / "1").glob("model.*"))
+    """The file the entry's embedded CPU profile runs."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    config = text_format.Parse((repo / model / "configs" / "cpu.pbtxt").read_text(), mc.ModelConfig())
+    return repo / model / "1" / config.default_model_filename
 
 
-def backend_threads() -> int:
-    return int(os.environ.get("CONVSERVE_TORCH_THREADS", "0") or 0)
+def backend_threads(repo: Path) -> int:
+    """The threads the embedded backends run with (as `start_triton` chooses them)."""
+    from service.embedded import available_cores, repository_instances
+    from service.embedded import backend_threads as share
+
+    return int(os.environ.get("CONVSERVE_TORCH_THREADS", "0") or 0) or share(available_cores(),
+                                                                             repository_instances(repo))
 
 
 async def run_blocks(stack: Stack, repo: Path, model: str, jpegs: list[bytes], requests: int, blocks: int,
@@ -155,7 +165,7 @@ async def run_blocks(stack: Stack, repo: Path, model: str, jpegs: list[bytes], r
         extra = {}
     tensors = [task.preprocess(decode_image(ImageInput(encoded=j), 0, 10**9), spec, options)[0] for j in jpegs]
     name = spec.image_input.name
-    local = LocalModel(model_file(repo, model), backend_threads())
+    local = LocalModel(model_file(repo, model), backend_threads(repo))
 
     triton = triton_aio.InferenceServerClient(f"127.0.0.1:{stack.triton_grpc}")
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{stack.gateway_port}", options=[

@@ -151,10 +151,9 @@ def served_threads(repo: Path) -> int:
     with (what `start_triton` gives them)."""
     import os
 
-    from service.embedded import THREADS_VARIABLE, available_cores, backend_threads, repository_instances
+    from service.embedded import instance_threads, repository_instances
 
-    return int(os.environ.get(THREADS_VARIABLE) or 0) or backend_threads(available_cores(),
-                                                                        repository_instances(repo))
+    return instance_threads(0, dict(os.environ), repository_instances(repo))
 
 
 @contextmanager

@@ -101,6 +101,13 @@ def backend_threads(cores: int, instances: int) -> int:
     return max(1, cores // max(1, instances))
 
 
+def instance_threads(threads: int, env: dict[str, str], instances: int) -> int:
+    """The intra-op threads per model instance: `threads` when given (> 0), else
+    CONVSERVE_TORCH_THREADS from `env` when set (> 0), else the available cores shared
+    out over `instances` (`backend_threads`)."""
+    return threads or int(env.get(THREADS_VARIABLE) or 0) or backend_threads(available_cores(), instances)
+
+
 def _copy_if_changed(source: Path, dest: Path) -> None:
     if dest.exists() and dest.stat().st_size == source.stat().st_size and \
             dest.stat().st_mtime >= source.stat().st_mtime:
@@ -215,8 +222,9 @@ def start_triton(
     """Start the embedded tritonserver on `repository` (CPU profile); returns at once.
 
     Call `wait_ready` on the result to block until every model is loaded. Each model
-    instance runs `threads` intra-op threads (0: `backend_threads` shares the cores out
-    over the repository's instances); the backends read it as CONVSERVE_TORCH_THREADS.
+    instance runs `threads` intra-op threads (0: CONVSERVE_TORCH_THREADS where the
+    environment sets it, else `backend_threads` shares the cores out over the
+    repository's instances); the backends read the number from that variable.
 
     tritonserver runs in a session and process group of its own (a terminal's Ctrl-C
     reaches the caller only, who stops Triton after the gateway has drained), and it
@@ -240,7 +248,8 @@ def start_triton(
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in [str(libs), env.get("LD_LIBRARY_PATH", "")] if p)
     instances = repository_instances(repository)
-    env[THREADS_VARIABLE] = str(threads or backend_threads(available_cores(), instances))
+    threads = instance_threads(threads, env, instances)
+    env[THREADS_VARIABLE] = str(threads)
     command = [
         str(root / "bin" / "tritonserver"),
         f"--model-repository={repository}",
@@ -259,7 +268,7 @@ def start_triton(
     ]
     log.info("starting tritonserver", extra={"repository": str(repository), "grpc_port": grpc_port,
                                              "log": str(log_path), "model_instances": instances,
-                                             "threads_per_instance": int(env[THREADS_VARIABLE])})
+                                             "threads_per_instance": threads})
     with open(log_path, "ab") as log_file:
         # The preexec_fn only calls prctl, getppid and kill, set up before the fork, so it
         # is safe beside the gateway's threads.

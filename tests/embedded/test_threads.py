@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from service.embedded import THREADS_VARIABLE, available_cores, backend_threads, repository_instances
+from service.embedded import (THREADS_VARIABLE, available_cores, backend_threads, instance_threads,
+                              repository_instances)
 from service.settings import load_settings
 
 
@@ -40,3 +41,11 @@ def test_torch_threads_setting(monkeypatch):
     with pytest.raises(ValueError, match="torch_threads"):
         load_settings()
     assert THREADS_VARIABLE == "CONVSERVE_TORCH_THREADS"
+
+
+def test_explicit_threads_win_over_the_environment_over_the_share():
+    share = backend_threads(available_cores(), 3)
+    assert instance_threads(0, {}, 3) == share
+    assert instance_threads(0, {THREADS_VARIABLE: "0"}, 3) == share
+    assert instance_threads(0, {THREADS_VARIABLE: "5"}, 3) == 5
+    assert instance_threads(4, {THREADS_VARIABLE: "5"}, 3) == 4
