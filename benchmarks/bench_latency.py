@@ -134,11 +134,9 @@ def model_file(repo: Path, model: str) -> Path:
 
 def backend_threads(repo: Path) -> int:
     """The threads the embedded backends run with (as `start_triton` chooses them)."""
-    from service.embedded import available_cores, repository_instances
-    from service.embedded import backend_threads as share
+    from service.embedded import instance_threads, repository_instances
 
-    return int(os.environ.get("CONVSERVE_TORCH_THREADS", "0") or 0) or share(available_cores(),
-                                                                             repository_instances(repo))
+    return instance_threads(0, dict(os.environ), repository_instances(repo))
 
 
 async def run_blocks(stack: Stack, repo: Path, model: str, jpegs: list[bytes], requests: int, blocks: int,
