@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -307,7 +308,11 @@ def cmd_serve(args) -> int:
     settings = _gateway_settings(args, model_repository=args.repo, triton_http_port=args.http_port,
                                  triton_grpc_port=args.triton_grpc_port,
                                  triton_metrics_port=args.triton_metrics_port)
-    settings = settings.model_copy(update={"triton_url": f"127.0.0.1:{settings.triton_grpc_port}"})
+    # Triton runs beside the gateway: tensors go through shared memory unless the
+    # environment says otherwise.
+    settings = settings.model_copy(update={
+        "triton_url": f"127.0.0.1:{settings.triton_grpc_port}",
+        "triton_shared_memory": settings.triton_shared_memory or "CONVSERVE_TRITON_SHARED_MEMORY" not in os.environ})
     logs.configure(settings.log_level)
     supervisor = TritonSupervisor(settings, _start_triton(settings))
     print(f"triton ready on 127.0.0.1:{settings.triton_grpc_port}; log {settings.triton_log}", flush=True)

@@ -39,6 +39,11 @@ class Settings(BaseSettings):
     drain_grace_s: float = Field(20.0, ge=0, le=600)
     # How often the gateway asks Triton whether it is ready (readiness health).
     health_poll_s: float = Field(0.5, gt=0, le=30)
+    # Tensors to and from Triton through system shared memory (/dev/shm) instead of
+    # gRPC messages: only where the gateway and Triton share a host (`convserve serve`
+    # turns it on; the Helm chart's one-pod mode sets it). For a 640x640 detector this
+    # saves the gateway framing 4 MB per image (docs/performance.md).
+    triton_shared_memory: bool = False
     # Threads that decode and resize images, off the event loop.
     preprocess_threads: int = Field(2, ge=1, le=256)
     log_level: str = "INFO"

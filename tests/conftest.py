@@ -93,6 +93,9 @@ def start_gateway(workdir: Path, triton_grpc_port: int, port: int, metrics_port:
     env.update({
         "CONVSERVE_MODEL_REPOSITORY": str(workdir / "no-repository-here"),
         "CONVSERVE_HEALTH_POLL_S": "0.2",
+        # Triton runs on this host: tensors go through system shared memory, as under
+        # `convserve serve` (tests/gateway/test_shared_memory.py covers gRPC beside it).
+        "CONVSERVE_TRITON_SHARED_MEMORY": "true",
         **(extra_env or {}),
     })
     process = subprocess.Popen(

@@ -46,7 +46,7 @@ class Gateway:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.triton = TritonModels(settings.triton_url)
+        self.triton = TritonModels(settings.triton_url, shared_memory=settings.triton_shared_memory)
         self.plane = DataPlane(settings, self.triton)
         self.health = HealthServicer()
         self.interceptor = ErrorInterceptor(
@@ -99,7 +99,7 @@ class Gateway:
     async def _poll_triton(self) -> None:
         ready = await self.triton.server_ready()
         if ready and not self.plane.triton_ready:
-            self.triton.forget_specs()  # a (re)started Triton may serve other models
+            await self.triton.forget_specs()  # a (re)started Triton may serve other models
             log.info("triton ready", extra={"triton": self.settings.triton_url})
         elif not ready and self.plane.triton_ready:
             log.warning("triton not ready", extra={"triton": self.settings.triton_url})

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import time
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException
+from tritonclient.utils import shared_memory as shm
 
 from ..errors import (Cancelled, ConvserveError, DeadlineExceeded, Internal, NotFound,
                      ResourceExhausted, Unavailable)
@@ -81,10 +85,133 @@ def map_triton_error(exc: InferenceServerException, model: str) -> ConvserveErro
     return Internal(f"inference failed for model {model!r}")
 
 
-class TritonModels:
-    """Async access to Triton: cached model specs, inference and readiness."""
+# ------------------------------------------------------------------ shared memory
+# Regions are sized in powers of two from 1 MiB, so a few sizes serve every call.
+SHM_MIN_REGION_BYTES = 1024 * 1024
+# Tensors start at multiples of this in a region (a cache line).
+SHM_ALIGN = 64
+# Registered regions kept for reuse; past this, a released region is destroyed.
+SHM_MAX_POOLED_BYTES = 512 * 1024 * 1024
+# A new region must leave this much of /dev/shm free: a tmpfs that runs full faults a
+# process that writes into its pages (SIGBUS), so calls fall back to gRPC first.
+SHM_HEADROOM_BYTES = 64 * 1024 * 1024
+SHM_DIR = "/dev/shm"
+# A failed or cancelled call's region is destroyed this long after, never reused: Triton
+# may still be writing that request's outputs into it.
+RETIRE_AFTER_S = 120.0
 
-    def __init__(self, url: str):
+
+@dataclass
+class _Region:
+    name: str
+    size: int
+    handle: object  # tritonclient.utils.shared_memory.SharedMemoryRegion
+
+
+class SharedMemoryPool:
+    """System shared-memory regions registered with a Triton on the same host (Triton's
+    system shared-memory extension, through `tritonclient.utils.shared_memory`): a
+    call's input tensors are written into a region, and Triton writes its outputs
+    there, so neither travels through protobuf and gRPC. For a 640x640 detector that is
+    1.2 MB in and 2.8 MB out per image, which the gateway's event loop otherwise spends
+    milliseconds framing and parsing (docs/performance.md).
+
+    Each call holds its own region, so calls never share one. Regions are registered
+    once and kept for reuse, up to SHM_MAX_POOLED_BYTES. `acquire` answers None (the
+    call then goes over gRPC) when /dev/shm has too little room. The segments are
+    created by Python's multiprocessing.shared_memory, whose resource tracker unlinks
+    them if the gateway dies without `close`."""
+
+    def __init__(self, client):
+        self._client = client
+        self._free: dict[int, list[_Region]] = {}
+        self._retired: list[tuple[float, _Region]] = []
+        self._prefix = f"convserve_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+        self._serial = 0
+
+    @staticmethod
+    def capacity(nbytes: int) -> int:
+        return max(SHM_MIN_REGION_BYTES, 1 << (max(1, nbytes) - 1).bit_length())
+
+    async def acquire(self, nbytes: int) -> _Region | None:
+        await self._purge_retired()
+        size = self.capacity(nbytes)
+        free = self._free.get(size)
+        if free:
+            return free.pop()
+        try:
+            if os.statvfs(SHM_DIR).f_bavail * os.statvfs(SHM_DIR).f_frsize < size + SHM_HEADROOM_BYTES:
+                return None
+        except OSError:
+            return None
+        self._serial += 1
+        name = f"{self._prefix}_{self._serial}"
+        try:
+            handle = shm.create_shared_memory_region(name, "/" + name, size)
+        except shm.SharedMemoryException as exc:
+            log.warning("no shared memory region; this call goes over gRPC", extra={"reason": str(exc)})
+            return None
+        try:
+            await self._client.register_system_shared_memory(name, "/" + name, size,
+                                                             client_timeout=CONTROL_TIMEOUT_S)
+        except InferenceServerException:
+            # Triton is down or restarting: the call goes over gRPC and gets its answer there.
+            shm.destroy_shared_memory_region(handle)
+            return None
+        except BaseException:
+            shm.destroy_shared_memory_region(handle)
+            raise
+        return _Region(name, size, handle)
+
+    def retire(self, region: _Region) -> None:
+        """Take back the region of a call that failed or was cancelled: Triton may still
+        be running that request and write its outputs there, so the region is not reused
+        and is destroyed only after RETIRE_AFTER_S."""
+        self._retired.append((time.monotonic(), region))
+
+    async def _purge_retired(self) -> None:
+        now = time.monotonic()
+        while self._retired and now - self._retired[0][0] > RETIRE_AFTER_S:
+            await self._destroy(self._retired.pop(0)[1])
+
+    async def release(self, region: _Region) -> None:
+        pooled = sum(r.size for rs in self._free.values() for r in rs)
+        if pooled + region.size <= SHM_MAX_POOLED_BYTES:
+            self._free.setdefault(region.size, []).append(region)
+        else:
+            await self._destroy(region)
+
+    async def clear(self) -> None:
+        """Destroy every pooled region (after Triton restarts, its registrations are gone)."""
+        regions = [r for rs in self._free.values() for r in rs] + [r for _, r in self._retired]
+        self._free.clear()
+        self._retired.clear()
+        for region in regions:
+            await self._destroy(region)
+
+    async def _destroy(self, region: _Region) -> None:
+        try:
+            await self._client.unregister_system_shared_memory(region.name, client_timeout=CONTROL_TIMEOUT_S)
+        except InferenceServerException:
+            pass  # Triton is gone or restarted: nothing registered to undo
+        shm.destroy_shared_memory_region(region.handle)
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // SHM_ALIGN) * SHM_ALIGN
+
+
+# Triton's answer when a registered region is unknown to it (e.g. it restarted):
+# core/src/shared_memory_manager.cc, "Unable to find shared memory region: '<name>'".
+TRITON_SHM_UNKNOWN = "unable to find shared memory region"
+
+
+class TritonModels:
+    """Async access to Triton: cached model specs, inference and readiness. With
+    `shared_memory`, tensors go through system shared memory (`SharedMemoryPool`; the
+    gateway and Triton must share a host and its /dev/shm)."""
+
+    def __init__(self, url: str, shared_memory: bool = False):
         self.url = url
         self._client = triton_aio.InferenceServerClient(
             url,
@@ -106,8 +233,11 @@ class TritonModels:
         self._specs: dict[tuple[str, str], ModelSpec] = {}
         self._known: set[str] = set()
         self._outputs: dict[tuple[str, ...], list[InferRequestedOutput]] = {}
+        self._shm = SharedMemoryPool(self._client) if shared_memory else None
 
     async def close(self) -> None:
+        if self._shm is not None:
+            await self._shm.clear()
         await self._client.close()
 
     # --- readiness
@@ -117,9 +247,12 @@ class TritonModels:
         except InferenceServerException:
             return False
 
-    def forget_specs(self) -> None:
-        """Drop cached specs (after Triton restarts, its models may have changed)."""
+    async def forget_specs(self) -> None:
+        """Drop cached specs and shared-memory registrations (after Triton restarts, its
+        models may have changed and it knows no region)."""
         self._specs.clear()
+        if self._shm is not None:
+            await self._shm.clear()
 
     def is_known(self, model: str) -> bool:
         return model in self._known
@@ -182,26 +315,92 @@ class TritonModels:
         both the gRPC call and Triton's own request timeout."""
         if timeout_s is not None and timeout_s <= 0:
             raise DeadlineExceeded("deadline exceeded before inference")
-        infer_inputs = []
+        region = None
+        if self._shm is not None:
+            region = await self._shm.acquire(_call_bytes(spec, inputs))
+        try:
+            answer = await self._infer(spec, version, inputs, timeout_s, region)
+        except InferenceServerException as exc:
+            if region is not None and TRITON_SHM_UNKNOWN in (exc.message() or "").lower():
+                # Triton restarted and lost the registrations: drop them, answer over gRPC.
+                shm.destroy_shared_memory_region(region.handle)
+                await self._shm.clear()
+                try:
+                    return await self._infer(spec, version, inputs, timeout_s, None)
+                except InferenceServerException as again:
+                    raise map_triton_error(again, spec.name) from None
+            if region is not None:
+                self._shm.retire(region)
+            raise map_triton_error(exc, spec.name) from None
+        except BaseException:  # cancelled: Triton may still write into the region
+            if region is not None:
+                self._shm.retire(region)
+            raise
+        if region is not None:
+            await self._shm.release(region)
+        return answer
+
+    async def _infer(self, spec: ModelSpec, version: str, inputs: dict[str, np.ndarray], timeout_s: float | None,
+                     region: _Region | None) -> tuple[dict[str, np.ndarray], str]:
+        """One Triton call; with `region`, inputs and the fixed-size outputs go through it."""
+        infer_inputs, offset = [], 0
         for name, array in inputs.items():
             tensor = InferInput(name, list(array.shape), triton_datatype_name(array.dtype))
-            tensor.set_data_from_numpy(array)
+            if region is None:
+                tensor.set_data_from_numpy(array)
+            else:
+                shm.set_shared_memory_region(region.handle, [np.ascontiguousarray(array)], offset)
+                tensor.set_shared_memory(region.name, array.nbytes, offset)
+                offset += _aligned(array.nbytes)
             infer_inputs.append(tensor)
-        try:
-            result = await self._client.infer(
-                spec.name,
-                infer_inputs,
-                model_version=version,
-                outputs=self._requested_outputs(spec),
-                client_timeout=timeout_s,
-                timeout=int(timeout_s * 1e6) if timeout_s is not None else None,
-            )
-        except InferenceServerException as exc:
-            raise map_triton_error(exc, spec.name) from None
-        except asyncio.CancelledError:
-            raise
-        outputs = {t.name: _widen(result.as_numpy(t.name)) for t in spec.outputs}
-        return outputs, result.get_response().model_version
+        outputs, placed = self._requested_outputs(spec), {}
+        if region is not None:
+            items = len(next(iter(inputs.values())))
+            outputs = []
+            for tensor in spec.outputs:
+                requested = InferRequestedOutput(tensor.name)
+                nbytes = _output_bytes(spec, tensor, items)
+                if nbytes is not None:
+                    requested.set_shared_memory(region.name, nbytes, offset)
+                    placed[tensor.name] = offset
+                    offset += _aligned(nbytes)
+                outputs.append(requested)
+        result = await self._client.infer(
+            spec.name,
+            infer_inputs,
+            model_version=version,
+            outputs=outputs,
+            client_timeout=timeout_s,
+            timeout=int(timeout_s * 1e6) if timeout_s is not None else None,
+        )
+        arrays = {}
+        for tensor in spec.outputs:
+            if tensor.name in placed:
+                shape = list(result.get_output(tensor.name).shape)
+                # A copy: the region goes back to the pool for the next call.
+                arrays[tensor.name] = np.array(shm.get_contents_as_numpy(
+                    region.handle, tensor.dtype, shape, placed[tensor.name]))
+            else:
+                arrays[tensor.name] = result.as_numpy(tensor.name)
+        return {name: _widen(a) for name, a in arrays.items()}, result.get_response().model_version
+
+
+def _output_bytes(spec: ModelSpec, tensor, items: int) -> int | None:
+    """Bytes of output `tensor` for a call of `items` items; None where a dim is only
+    known from the answer (variable-size models: that output comes over gRPC)."""
+    dims = spec.config_dims(tensor)
+    if any(d < 0 for d in dims):
+        return None
+    per_call = int(np.prod(dims)) * tensor.dtype.itemsize
+    # With Triton batching, config dims are per item; a fixed batch is in the dims.
+    return per_call * items if spec.max_batch_size > 0 else per_call
+
+
+def _call_bytes(spec: ModelSpec, inputs: dict[str, np.ndarray]) -> int:
+    """Region bytes a call needs: its inputs and its fixed-size outputs, aligned."""
+    items = len(next(iter(inputs.values())))
+    total = sum(_aligned(a.nbytes) for a in inputs.values())
+    return total + sum(_aligned(n) for t in spec.outputs if (n := _output_bytes(spec, t, items)) is not None)
 
 
 def _widen(array: np.ndarray) -> np.ndarray:
