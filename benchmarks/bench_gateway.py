@@ -103,9 +103,10 @@ def metric(text: str, name: str, **labels) -> float:
 
 
 class Stack:
-    """Embedded Triton + the gateway as its own process, on free ports."""
+    """Embedded Triton + the gateway as its own process, on free ports (tensors between
+    them through system shared memory unless `shared_memory` is False)."""
 
-    def __init__(self, repo: Path, workdir: Path):
+    def __init__(self, repo: Path, workdir: Path, shared_memory: bool = True):
         from service.embedded import start_triton
 
         self.triton_grpc, self.triton_metrics = free_port(), free_port()
@@ -114,7 +115,9 @@ class Stack:
                                    state_dir=workdir / "state")
         self.triton.wait_ready(600)
         self.gateway_port, self.gateway_metrics = free_port(), free_port()
+        # Tensors through shared memory, as `convserve serve` runs its co-located gateway.
         env = dict(os.environ, CONVSERVE_MODEL_REPOSITORY=str(workdir / "none"),
+                   CONVSERVE_TRITON_SHARED_MEMORY=str(shared_memory).lower(),
                    PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
         self.gateway = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "gateway", "--port", str(self.gateway_port),

@@ -312,15 +312,18 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default="resnet18_onnx,resnet18")
     parser.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / "results" / "latency")
     parser.add_argument("--py-spy", action="store_true", help="profile the gateway during one more block")
+    parser.add_argument("--no-shared-memory", action="store_true",
+                        help="tensors between the gateway and Triton over gRPC (default: shared memory, as serve)")
     args = parser.parse_args(argv)
     models = args.models.split(",")
     repo = args.workdir / "repo"
     args.workdir.mkdir(parents=True, exist_ok=True)
     export_repository(repo, models)
     jpegs = photos_as_jpeg()
-    stack = Stack(repo, args.workdir)
+    stack = Stack(repo, args.workdir, shared_memory=not args.no_shared_memory)
     report = [f"machine: {machine()}", f"load average at start: {os.getloadavg()}",
-              f"CONVSERVE_TORCH_THREADS={os.environ.get('CONVSERVE_TORCH_THREADS', '(unset)')}"]
+              f"CONVSERVE_TORCH_THREADS={os.environ.get('CONVSERVE_TORCH_THREADS', '(unset)')}",
+              f"tensors between gateway and Triton: {'gRPC' if args.no_shared_memory else 'shared memory'}"]
     results = {}
     try:
         for model in models:
