@@ -104,3 +104,60 @@ failureThreshold: {{ .failureThreshold }}
   podSelector:
     {{- toYaml .Values.networkPolicy.prometheus.podSelector | nindent 4 }}
 {{- end -}}
+
+{{/* The gateway container: (dict "ctx" $). */}}
+{{- define "convserve.gateway.container" -}}
+{{- $ctx := .ctx -}}
+{{- $gw := $ctx.Values.gateway -}}
+- name: gateway
+  image: {{ include "convserve.image" (dict "ctx" $ctx "image" $gw.image) | quote }}
+  imagePullPolicy: {{ $gw.image.pullPolicy }}
+  envFrom:
+    - configMapRef:
+        name: {{ include "convserve.gateway.fullname" $ctx }}
+  ports:
+    - name: grpc
+      containerPort: {{ $gw.grpcPort }}
+      protocol: TCP
+    - name: metrics
+      containerPort: {{ $gw.metricsPort }}
+      protocol: TCP
+  livenessProbe:
+    {{- include "convserve.gateway.grpcProbe" (dict "ctx" $ctx "service" "liveness" "probe" $gw.livenessProbe) | trim | nindent 4 }}
+  readinessProbe:
+    {{- include "convserve.gateway.grpcProbe" (dict "ctx" $ctx "service" "" "probe" $gw.readinessProbe) | trim | nindent 4 }}
+  lifecycle:
+    preStop:
+      # Endpoints and client resolvers drop the pod while it still serves; then
+      # SIGTERM turns readiness NOT_SERVING and drains for drainGraceSeconds.
+      exec:
+        command: ["sleep", "{{ $gw.preStopSleepSeconds }}"]
+  resources:
+    {{- toYaml $gw.resources | nindent 4 }}
+  securityContext:
+    {{- include "convserve.containerSecurityContext" $ctx | nindent 4 }}
+    runAsUser: 10001
+    runAsGroup: 10001
+  volumeMounts:
+    # The root filesystem is read-only; libraries that want a scratch dir get this.
+    - name: tmp
+      mountPath: /tmp
+    {{- if $gw.tls.enabled }}
+    - name: tls
+      mountPath: {{ $gw.tls.mountPath }}
+      readOnly: true
+    {{- end }}
+{{- end -}}
+
+{{/* The gateway container's own volumes. */}}
+{{- define "convserve.gateway.volumes" -}}
+{{- $gw := .Values.gateway -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: 64Mi
+{{- if $gw.tls.enabled }}
+- name: tls
+  secret:
+    secretName: {{ $gw.tls.secretName }}
+{{- end }}
+{{- end -}}
