@@ -2,7 +2,8 @@
 both values files and the model-repository variants, then checked against the
 Kubernetes 1.30 schemas and for what the deployment relies on: probes on the right
 health services and ports, selectors that match, graceful-shutdown budgets, PDBs,
-NetworkPolicies and non-root, read-only containers."""
+NetworkPolicies and non-root, read-only containers; and the one-pod mode
+(onePod.enabled), where the gateway is a container of the Triton pods."""
 from __future__ import annotations
 
 import json
@@ -18,6 +19,7 @@ VALUES_FILES = ("values.yaml", "values-production.yaml")
 CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
 # Settings the chart already sets and the gateway reads once the lead lands them.
 PENDING_SETTINGS = {"TLS_CERT_FILE", "TLS_KEY_FILE"}
+ONE_POD = {"onePod": {"enabled": True}}
 
 
 @pytest.fixture(scope="module", params=VALUES_FILES)
@@ -34,6 +36,18 @@ def production(helm, chart):
 @pytest.fixture(scope="module")
 def default(chart):
     return render(chart)
+
+
+def values_of(helm, name: str, one_pod: bool = False) -> dict:
+    values = {} if name == "values.yaml" else values_file(helm, name)
+    return {**values, **ONE_POD} if one_pod else values
+
+
+@pytest.fixture(scope="module", params=VALUES_FILES)
+def one_pod(request, helm, chart):
+    """(values file, manifests with onePod.enabled, manifests of the same values without it)."""
+    return (request.param, render(chart, values_of(helm, request.param, one_pod=True)),
+            render(chart, values_of(helm, request.param)))
 
 
 def one(docs, kind, suffix=""):
@@ -58,20 +72,20 @@ def config(docs) -> dict:
     return one(docs, "ConfigMap", "-gateway")["data"]
 
 
-# ------------------------------------------------------------------------- engine
-@pytest.mark.parametrize("values_name", VALUES_FILES)
-def test_helm_lint_is_clean(helm, values_name):
-    values = {} if values_name == "values.yaml" else values_file(helm, values_name)
-    report = helm.lint(CHART, values, strict=True, kube_version=f"v{KUBE_VERSION}.0")
-    assert report["errors"] == []
-    # Severity 1 is informational ("icon is recommended"); warnings and errors are not allowed.
-    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+def environment(docs, spec: dict) -> dict:
+    """A container's environment as Kubernetes builds it: envFrom ConfigMaps, then env."""
+    env = {}
+    for source in spec.get("envFrom", []):
+        name = source["configMapRef"]["name"]
+        env.update(next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == name)["data"])
+    env.update({e["name"]: e["value"] for e in spec.get("env", [])})
+    return env
 
 
-def test_every_manifest_validates_against_kubernetes_schemas(manifests):
+def assert_valid(name, docs):
+    """Every manifest validates against the Kubernetes schemas (CRD kinds excepted)."""
     kubernetes_validate = pytest.importorskip(
         "kubernetes_validate", reason="kubernetes-validate is not installed (pip install kubernetes-validate)")
-    name, docs = manifests
     assert docs, f"{name} rendered nothing"
     for doc in docs:
         if (doc["apiVersion"], doc["kind"]) in CRD_KINDS:
@@ -81,6 +95,37 @@ def test_every_manifest_validates_against_kubernetes_schemas(manifests):
         except kubernetes_validate.ValidationError as exc:
             path = ".".join(str(p) for p in exc.path)
             pytest.fail(f"{name}: {doc['kind']}/{doc['metadata']['name']} {path}: {exc.message}")
+
+
+def assert_non_root(deployment):
+    spec = deployment["spec"]["template"]["spec"]
+    pod = spec.get("securityContext", {})
+    assert spec.get("automountServiceAccountToken") is False
+    for c in spec["containers"] + spec.get("initContainers", []):
+        where = f"{deployment['metadata']['name']}/{c['name']}"
+        security = {**pod, **c.get("securityContext", {})}
+        assert security.get("runAsNonRoot") is True, where
+        assert security.get("runAsUser", 0) != 0, where
+        assert security.get("readOnlyRootFilesystem") is True, where
+        assert security.get("allowPrivilegeEscalation") is False, where
+        assert security.get("capabilities", {}).get("drop") == ["ALL"], where
+        assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"], where
+        assert c["resources"]["limits"]["memory"], where
+
+
+# ------------------------------------------------------------------------- engine
+@pytest.mark.parametrize("values_name", VALUES_FILES)
+@pytest.mark.parametrize("one_pod", [False, True], ids=["", "one-pod"])
+def test_helm_lint_is_clean(helm, values_name, one_pod):
+    values = values_of(helm, values_name, one_pod)
+    report = helm.lint(CHART, values, strict=True, kube_version=f"v{KUBE_VERSION}.0")
+    assert report["errors"] == []
+    # Severity 1 is informational ("icon is recommended"); warnings and errors are not allowed.
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+def test_every_manifest_validates_against_kubernetes_schemas(manifests):
+    assert_valid(*manifests)
 
 
 def test_both_values_files_comment_every_value():
@@ -164,6 +209,8 @@ def test_gateway_reaches_triton_through_the_headless_service(manifests):
     grpc_port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc")
     host = f"{service['metadata']['name']}.{NAMESPACE}.svc.cluster.local"
     assert config(docs)["CONVSERVE_TRITON_URL"] == f"dns:///{host}:{grpc_port}"
+    # Separate pods do not share /dev/shm: tensors stay in gRPC messages (the default).
+    assert "CONVSERVE_TRITON_SHARED_MEMORY" not in config(docs)
 
 
 def test_services_select_their_pods_and_name_real_ports(manifests):
@@ -258,6 +305,14 @@ def test_model_repository_sources(chart, source):
     ({"modelRepository": {"source": "nfs"}}, "image, pvc or s3"),
     ({"modelRepository": {"source": "s3"}}, "s3.url"),
     ({"gateway": {"tls": {"enabled": True}}}, "secretName"),
+    # One pod: Triton's grace period must cover the gateway's drain too.
+    ({**ONE_POD, "triton": {"terminationGracePeriodSeconds": 24, "exitTimeoutSeconds": 5}},
+     "onePod: triton.terminationGracePeriodSeconds"),
+    # One pod: Triton must take calls for as long as the gateway still accepts them.
+    ({**ONE_POD, "gateway": {"preStopSleepSeconds": 10}}, "onePod: triton.preStopSleepSeconds"),
+    # One pod, one network namespace: no port twice.
+    ({**ONE_POD, "gateway": {"metricsPort": 8002}}, "must differ"),
+    ({**ONE_POD, "gateway": {"grpcPort": 9464}}, "must differ"),
 ])
 def test_unsafe_values_fail_to_render(helm, chart, values, message):
     with pytest.raises(helm.HelmRenderError, match=message.replace(".", r"\.")):
@@ -307,19 +362,7 @@ def test_network_policies_fence_triton_and_metrics(manifests):
 def test_no_container_runs_as_root(manifests):
     _, docs = manifests
     for deployment in (d for d in docs if d["kind"] == "Deployment"):
-        spec = deployment["spec"]["template"]["spec"]
-        pod = spec.get("securityContext", {})
-        assert spec.get("automountServiceAccountToken") is False
-        for c in spec["containers"] + spec.get("initContainers", []):
-            where = f"{deployment['metadata']['name']}/{c['name']}"
-            security = {**pod, **c.get("securityContext", {})}
-            assert security.get("runAsNonRoot") is True, where
-            assert security.get("runAsUser", 0) != 0, where
-            assert security.get("readOnlyRootFilesystem") is True, where
-            assert security.get("allowPrivilegeEscalation") is False, where
-            assert security.get("capabilities", {}).get("drop") == ["ALL"], where
-            assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"], where
-            assert c["resources"]["limits"]["memory"], where
+        assert_non_root(deployment)
 
 
 # --------------------------------------------------------------------- monitoring
@@ -344,3 +387,146 @@ def test_dashboard_ships_as_a_sidecar_configmap(manifests):
     # The copy for importing by hand is the same file.
     shipped = ROOT / "deploy" / "grafana" / "convserve-dashboard.json"
     assert json.loads(shipped.read_text()) == json.loads(DASHBOARD.read_text())
+
+
+# ------------------------------------------------------------------------ one pod
+def one_pod_gateway(docs) -> dict:
+    return next(c for c in pod_spec(docs, "triton")["containers"] if c["name"] == "gateway")
+
+
+def test_one_pod_manifests_validate_and_run_as_non_root(one_pod):
+    name, docs, _ = one_pod
+    assert_valid(f"{name} + onePod", docs)
+    assert_non_root(one(docs, "Deployment", "-triton"))
+
+
+def test_one_pod_renders_no_gateway_deployment_hpa_or_pdb(one_pod):
+    _, docs, _ = one_pod
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Deployment"] == ["convserve-triton"]
+    assert not [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]  # production autoscales when off
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "PodDisruptionBudget"] == ["convserve-triton"]
+
+
+def test_one_pod_runs_the_gateway_container_beside_triton(one_pod):
+    _, docs, apart = one_pod
+    spec = pod_spec(docs, "triton")
+    assert [c["name"] for c in spec["containers"]] == ["triton", "gateway"]
+    gateway, own = one_pod_gateway(docs), container(apart, "gateway")
+    # The same container as in the gateway's own Deployment (one named template) ...
+    for key in ("image", "imagePullPolicy", "envFrom", "livenessProbe", "readinessProbe", "lifecycle", "resources"):
+        assert gateway[key] == own[key], key
+    assert [p["containerPort"] for p in gateway["ports"]] == [p["containerPort"] for p in own["ports"]]
+    # ... as Triton's user: shared-memory segments are mode 0600, so Triton opens the
+    # gateway's regions only as the user that created them.
+    triton = container(docs, "triton")
+    uid = {**spec["securityContext"], **triton["securityContext"]}["runAsUser"]
+    assert gateway["securityContext"]["runAsUser"] == uid == 1000
+    assert gateway["securityContext"]["runAsGroup"] == triton["securityContext"]["runAsGroup"]
+    # The pod's grace period covers the gateway's preStop sleep and drain, and Triton keeps
+    # taking calls (its preStop sleep) until after the gateway has stopped accepting them.
+    env = environment(docs, gateway)
+    gateway_pre_stop = float(gateway["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert spec["terminationGracePeriodSeconds"] > gateway_pre_stop + float(env["CONVSERVE_DRAIN_GRACE_S"])
+    assert float(triton["lifecycle"]["preStop"]["exec"]["command"][1]) > gateway_pre_stop
+    # Gateway settings changes roll the Triton pods, as they roll the gateway's own.
+    annotations = one(docs, "Deployment", "-triton")["spec"]["template"]["metadata"]["annotations"]
+    assert len(annotations["checksum/config"]) == 64
+
+
+def test_one_pod_shares_an_in_memory_dev_shm(one_pod, helm):
+    name, docs, _ = one_pod
+    spec = pod_spec(docs, "triton")
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    shm_volumes = set()
+    for c in spec["containers"]:
+        mounts = [m for m in c["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+        assert len(mounts) == 1, c["name"]
+        shm_volumes.add(mounts[0]["name"])
+    assert len(shm_volumes) == 1, "one volume, the same /dev/shm in both containers"
+    shm = volumes[shm_volumes.pop()]["emptyDir"]
+    assert shm["medium"] == "Memory"
+    expected = values_of(helm, name).get("triton", {}).get("shmSizeLimit", "1Gi")
+    assert shm["sizeLimit"] == expected
+    # Volume names are unique in the pod: the gateway keeps its own /tmp.
+    assert len(volumes) == len(spec["volumes"])
+    tmp = {m["name"] for m in one_pod_gateway(docs)["volumeMounts"] if m["mountPath"] == "/tmp"}
+    assert tmp == {"gateway-tmp"} and "emptyDir" in volumes["gateway-tmp"]
+
+
+def test_one_pod_gateway_calls_triton_on_loopback_through_shared_memory(one_pod, monkeypatch):
+    from service.settings import Settings
+
+    _, docs, _ = one_pod
+    env = environment(docs, one_pod_gateway(docs))
+    grpc_port = next(p["containerPort"] for p in container(docs, "triton")["ports"] if p["name"] == "grpc")
+    assert env["CONVSERVE_TRITON_URL"] == f"127.0.0.1:{grpc_port}"
+    assert env["CONVSERVE_TRITON_SHARED_MEMORY"] == "true"
+    for key in list(os.environ):
+        if key.startswith("CONVSERVE_"):
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings()  # as the gateway reads it at start-up
+    assert settings.triton_shared_memory is True
+    assert settings.triton_url == f"127.0.0.1:{grpc_port}"
+
+
+def test_one_pod_services_select_the_triton_pods_and_name_real_ports(one_pod):
+    _, docs, _ = one_pod
+    deployment = one(docs, "Deployment", "-triton")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    # A Service's named targetPort must be unique in the pod (Kubernetes takes the first match).
+    owners = {}
+    for c in containers:
+        for port in c["ports"]:
+            assert port["name"] not in owners, f"port {port['name']} in {owners.get(port['name'])} and {c['name']}"
+            owners[port["name"]] = c["name"]
+    ports = {p["name"]: p["containerPort"] for c in containers for p in c["ports"]}
+    assert len(set(ports.values())) == len(ports), "one network namespace: no port twice"
+    for service in (d for d in docs if d["kind"] == "Service"):
+        name = service["metadata"]["name"]
+        assert selects(service["spec"]["selector"], labels), name
+        component = service["metadata"]["labels"]["app.kubernetes.io/component"]
+        for port in service["spec"]["ports"]:
+            assert owners[port["targetPort"]] == component, f"{name}: {port['targetPort']}"
+            assert port["port"] == ports[port["targetPort"]]
+    gateway = one(docs, "Service", "-gateway")
+    assert {p["targetPort"]: p["port"] for p in gateway["spec"]["ports"]} == {"gateway-grpc": 50051}
+
+
+def test_one_pod_network_policies_open_the_gateway_ports_on_triton_pods(one_pod):
+    _, docs, _ = one_pod
+    labels = one(docs, "Deployment", "-triton")["spec"]["template"]["metadata"]["labels"]
+    triton_policy = one(docs, "NetworkPolicy", "-triton")
+    gateway_policy = one(docs, "NetworkPolicy", "-gateway")
+    for policy in (triton_policy, gateway_policy):
+        assert selects(policy["spec"]["podSelector"]["matchLabels"], labels)
+    # The gateway calls Triton on loopback: nothing outside the pod reaches Triton's gRPC.
+    assert {rule["ports"][0]["port"] for rule in triton_policy["spec"]["ingress"]} == {8002}
+    by_port = {rule["ports"][0]["port"]: rule for rule in gateway_policy["spec"]["ingress"]}
+    assert set(by_port) == {50051, 9464}
+    assert "from" not in by_port[50051]  # gatewayClients is [] by default: anyone
+    assert by_port[9464]["from"] == triton_policy["spec"]["ingress"][0]["from"]  # Prometheus only
+
+
+def test_one_pod_service_monitor_scrapes_the_gateway_on_triton_pods(helm, chart):
+    docs = render(chart, values_of(helm, "values-production.yaml", one_pod=True))
+    monitor = one(docs, "ServiceMonitor")
+    scraped = {s["metadata"]["name"]: s for s in docs if s["kind"] == "Service"
+               and selects(monitor["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])}
+    assert sorted(scraped) == ["convserve-gateway-metrics", "convserve-triton"]
+    metrics = next(p for p in scraped["convserve-gateway-metrics"]["spec"]["ports"] if p["name"] == "metrics")
+    gateway_ports = {p["name"]: p["containerPort"] for p in one_pod_gateway(docs)["ports"]}
+    assert gateway_ports[metrics["targetPort"]] == int(config(docs)["CONVSERVE_METRICS_PORT"])
+
+
+def test_one_pod_with_tls_mounts_the_secret_in_the_gateway_container(chart):
+    docs = render(chart, {**ONE_POD, "gateway": {"tls": {"enabled": True, "secretName": "gateway-tls"}}})
+    assert_valid("onePod + tls", docs)
+    volumes = {v["name"]: v for v in pod_spec(docs, "triton")["volumes"]}
+    assert volumes["gateway-tls"]["secret"]["secretName"] == "gateway-tls"
+    gateway = one_pod_gateway(docs)
+    assert {"name": "gateway-tls", "mountPath": "/etc/convserve/tls", "readOnly": True} in gateway["volumeMounts"]
+    assert "exec" in gateway["livenessProbe"]
+    assert not [m for m in container(docs, "triton")["volumeMounts"] if m["name"] == "gateway-tls"]

@@ -47,9 +47,14 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
 {{/* The gateway's Triton address: DNS of the headless Service, so that gRPC's
-round_robin policy sees one address per ready Triton pod. */}}
+round_robin policy sees one address per ready Triton pod; in one-pod mode, the Triton
+container beside it, on loopback. */}}
 {{- define "convserve.tritonUrl" -}}
+{{- if .Values.onePod.enabled -}}
+127.0.0.1:{{ .Values.triton.ports.grpc }}
+{{- else -}}
 dns:///{{ include "convserve.triton.fullname" . }}.{{ .Release.Namespace }}.svc.{{ .Values.clusterDomain }}:{{ .Values.triton.ports.grpc }}
+{{- end -}}
 {{- end -}}
 
 {{/* Container securityContext shared by every container: non-root, read-only root
@@ -103,4 +108,85 @@ failureThreshold: {{ .failureThreshold }}
     {{- toYaml .Values.networkPolicy.prometheus.namespaceSelector | nindent 4 }}
   podSelector:
     {{- toYaml .Values.networkPolicy.prometheus.podSelector | nindent 4 }}
+{{- end -}}
+
+{{/* The pods that run the gateway: its own Deployment's, or Triton's in one-pod mode. */}}
+{{- define "convserve.gateway.podComponent" -}}
+{{- if .Values.onePod.enabled -}}triton{{- else -}}gateway{{- end -}}
+{{- end -}}
+
+{{/* Prefix of the gateway container's port and volume names: none in its own pod;
+"gateway-" in Triton's, whose container already names ports grpc and metrics and a
+volume tmp (a Service's named targetPort must be unique in the pod). */}}
+{{- define "convserve.gateway.namePrefix" -}}
+{{- if .Values.onePod.enabled -}}gateway-{{- end -}}
+{{- end -}}
+
+{{/* The gateway container, in its own Deployment or (one-pod mode) in Triton's pods:
+(dict "ctx" $). In Triton's pod it runs as Triton's user (uid 1000): POSIX shared-memory
+segments are created with mode 0600, so Triton can open the gateway's regions only as
+the same user. It also mounts Triton's in-memory /dev/shm (the dshm volume). */}}
+{{- define "convserve.gateway.container" -}}
+{{- $ctx := .ctx -}}
+{{- $gw := $ctx.Values.gateway -}}
+{{- $onePod := $ctx.Values.onePod.enabled -}}
+{{- $prefix := include "convserve.gateway.namePrefix" $ctx -}}
+{{- $uid := ternary 1000 10001 $onePod -}}
+- name: gateway
+  image: {{ include "convserve.image" (dict "ctx" $ctx "image" $gw.image) | quote }}
+  imagePullPolicy: {{ $gw.image.pullPolicy }}
+  envFrom:
+    - configMapRef:
+        name: {{ include "convserve.gateway.fullname" $ctx }}
+  ports:
+    - name: {{ $prefix }}grpc
+      containerPort: {{ $gw.grpcPort }}
+      protocol: TCP
+    - name: {{ $prefix }}metrics
+      containerPort: {{ $gw.metricsPort }}
+      protocol: TCP
+  livenessProbe:
+    {{- include "convserve.gateway.grpcProbe" (dict "ctx" $ctx "service" "liveness" "probe" $gw.livenessProbe) | trim | nindent 4 }}
+  readinessProbe:
+    {{- include "convserve.gateway.grpcProbe" (dict "ctx" $ctx "service" "" "probe" $gw.readinessProbe) | trim | nindent 4 }}
+  lifecycle:
+    preStop:
+      # Endpoints and client resolvers drop the pod while it still serves; then
+      # SIGTERM turns readiness NOT_SERVING and drains for drainGraceSeconds.
+      exec:
+        command: ["sleep", "{{ $gw.preStopSleepSeconds }}"]
+  resources:
+    {{- toYaml $gw.resources | nindent 4 }}
+  securityContext:
+    {{- include "convserve.containerSecurityContext" $ctx | nindent 4 }}
+    runAsUser: {{ $uid }}
+    runAsGroup: {{ $uid }}
+  volumeMounts:
+    # The root filesystem is read-only; libraries that want a scratch dir get this.
+    - name: {{ $prefix }}tmp
+      mountPath: /tmp
+    {{- if $gw.tls.enabled }}
+    - name: {{ $prefix }}tls
+      mountPath: {{ $gw.tls.mountPath }}
+      readOnly: true
+    {{- end }}
+    {{- if $onePod }}
+    # Triton's in-memory /dev/shm: input and output tensors travel through it.
+    - name: dshm
+      mountPath: /dev/shm
+    {{- end }}
+{{- end -}}
+
+{{/* The gateway container's own volumes (names as convserve.gateway.namePrefix says). */}}
+{{- define "convserve.gateway.volumes" -}}
+{{- $gw := .Values.gateway -}}
+{{- $prefix := include "convserve.gateway.namePrefix" . -}}
+- name: {{ $prefix }}tmp
+  emptyDir:
+    sizeLimit: 64Mi
+{{- if $gw.tls.enabled }}
+- name: {{ $prefix }}tls
+  secret:
+    secretName: {{ $gw.tls.secretName }}
+{{- end }}
 {{- end -}}
