@@ -57,6 +57,9 @@ def time_model(entry: Path, size: int, calls: int, threads: int) -> tuple[float,
     import onnxruntime as ort
     import torch
 
+    from service.export import tvshim
+
+    tvshim.install()  # the region models call torchvision's roi_align
     torch.set_num_threads(threads)
     feeds = example_feeds(entry, size)
     scripted = torch.jit.load(str(entry / "1" / "model.pt")).eval()
