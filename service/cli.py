@@ -326,6 +326,17 @@ def cmd_serve(args) -> int:
 
 
 # ----------------------------------------------------------------------- predict
+def _non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (the API's fields are unsigned)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def cmd_predict(args) -> int:
     from .client.predict import predict_main
 
@@ -423,16 +434,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", type=Path)
     p.add_argument("--model", required=True)
     p.add_argument("--server", default="localhost:50051")
-    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-k", type=_non_negative_int)
     p.add_argument("--mask-format", choices=("rle", "png"), help="instance segmentation: how masks come back")
     p.add_argument("--score-threshold", type=float, help="detection and instance segmentation: keep scores above this")
     p.add_argument("--iou-threshold", type=float, help="detection and instance segmentation: NMS suppresses above this IoU")
-    p.add_argument("--max-detections", type=int, help="detection and instance segmentation: at most this many per image")
-    p.add_argument("--class-ids", type=int, nargs="+", help="detection: only these class indices")
+    p.add_argument("--max-detections", type=_non_negative_int,
+                   help="detection and instance segmentation: at most this many per image")
+    p.add_argument("--class-ids", type=_non_negative_int, nargs="+", help="detection: only these class indices")
     p.add_argument("--model-version", default="")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--out", type=Path, help="write a PNG with the results drawn on the image; for a generation "
-                   "model, the generated image (JPEG if PATH ends in .jpg/.jpeg)")
+    p.add_argument("--out", type=Path, help="write a PNG with the results drawn on the first image; for a "
+                   "generation model, each generated image (JPEG if PATH ends in .jpg/.jpeg)")
     p.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds")
     p.set_defaults(func=cmd_predict)
     return parser

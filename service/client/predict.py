@@ -216,6 +216,11 @@ TASKS = {
 
 
 def predict_main(args) -> int:
+    try:
+        encoded = [Path(p).read_bytes() for p in args.images]
+    except OSError as error:
+        print(f"convserve predict: error: images: {error.filename}: {error.strerror}", file=sys.stderr)
+        return 2
     channel = grpc.insecure_channel(args.server, options=[
         ("grpc.max_send_message_length", 64 * 1024 * 1024),
         ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
@@ -232,7 +237,7 @@ def predict_main(args) -> int:
         print(f"convserve predict: model {args.model!r} is a {info.task or 'unknown'} model, "
               "which this client cannot call", file=sys.stderr)
         return 2
-    images = [vision_pb2.Image(encoded=Path(p).read_bytes()) for p in args.images]
+    images = [vision_pb2.Image(encoded=data) for data in encoded]
     try:
         return call(stub, args, images)
     except grpc.RpcError as error:

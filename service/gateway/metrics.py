@@ -26,7 +26,8 @@ LATENCY = Histogram(
 STAGE_LATENCY = Histogram(
     "convserve_stage_duration_seconds",
     "Time spent per request in each pipeline stage (decode, preprocess, infer, postprocess; "
-    "pool_wait: waiting for a preprocessing thread; proposals: R-CNN/Fast R-CNN selective "
+    "pool_wait: waiting for a preprocessing thread, observed at each of a request's two "
+    "hand-offs (before decode, before postprocess); proposals: R-CNN/Fast R-CNN selective "
     "search, per image, inside preprocess).",
     ["model", "stage"], buckets=LATENCY_BUCKETS)
 IN_FLIGHT = Gauge("convserve_requests_in_flight", "Requests being handled now.", ["method"])

@@ -11,12 +11,12 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
+from multiprocessing import shared_memory
 
 import numpy as np
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException
-from tritonclient.utils import shared_memory as shm
 
 from ..errors import (Cancelled, ConvserveError, DeadlineExceeded, Internal, NotFound,
                      ResourceExhausted, Unavailable)
@@ -96,6 +96,8 @@ SHM_MAX_POOLED_BYTES = 512 * 1024 * 1024
 # process that writes into its pages (SIGBUS), so calls fall back to gRPC first.
 SHM_HEADROOM_BYTES = 64 * 1024 * 1024
 SHM_DIR = "/dev/shm"
+# Every gateway's region names start with this (then its pid and a random tag).
+SHM_REGION_PREFIX = "convserve_"
 # A failed or cancelled call's region is destroyed this long after, never reused: Triton
 # may still be writing that request's outputs into it.
 RETIRE_AFTER_S = 120.0
@@ -105,12 +107,25 @@ RETIRE_AFTER_S = 120.0
 class _Region:
     name: str
     size: int
-    handle: object  # tritonclient.utils.shared_memory.SharedMemoryRegion
+    segment: shared_memory.SharedMemory  # mapped here; its /dev/shm name already unlinked
+
+    def write(self, array: np.ndarray, offset: int) -> None:
+        np.ndarray(array.shape, array.dtype, buffer=self.segment.buf, offset=offset)[...] = array
+
+    def read(self, dtype: np.dtype, shape: list[int], offset: int) -> np.ndarray:
+        """A copy: the region goes back to the pool for the next call."""
+        return np.ndarray(shape, dtype, buffer=self.segment.buf, offset=offset).copy()
+
+    def close(self) -> None:
+        try:
+            self.segment.close()
+        except BufferError:  # a view still exists somewhere: the mapping goes with it
+            pass
 
 
 class SharedMemoryPool:
     """System shared-memory regions registered with a Triton on the same host (Triton's
-    system shared-memory extension, through `tritonclient.utils.shared_memory`): a
+    system shared-memory extension; segments from Python's multiprocessing.shared_memory): a
     call's input tensors are written into a region, and Triton writes its outputs
     there, so neither travels through protobuf and gRPC. For a 640x640 detector that is
     1.2 MB in and 2.8 MB out per image, which the gateway's event loop otherwise spends
@@ -118,15 +133,17 @@ class SharedMemoryPool:
 
     Each call holds its own region, so calls never share one. Regions are registered
     once and kept for reuse, up to SHM_MAX_POOLED_BYTES. `acquire` answers None (the
-    call then goes over gRPC) when /dev/shm has too little room. The segments are
-    created by Python's multiprocessing.shared_memory, whose resource tracker unlinks
-    them if the gateway dies without `close`."""
+    call then goes over gRPC) when /dev/shm has too little room. A segment's name is
+    unlinked as soon as Triton has mapped it (at registration), so nothing is left in
+    /dev/shm however the gateway ends; the memory goes when both sides unmap. Regions
+    that Triton still holds for a gateway that died unannounced are unregistered by the
+    next one (`clear`, when Triton turns ready; `_owner_gone`)."""
 
     def __init__(self, client):
         self._client = client
         self._free: dict[int, list[_Region]] = {}
         self._retired: list[tuple[float, _Region]] = []
-        self._prefix = f"convserve_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+        self._prefix = f"{SHM_REGION_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:8]}"
         self._serial = 0
 
     @staticmethod
@@ -147,8 +164,8 @@ class SharedMemoryPool:
         self._serial += 1
         name = f"{self._prefix}_{self._serial}"
         try:
-            handle = shm.create_shared_memory_region(name, "/" + name, size)
-        except shm.SharedMemoryException as exc:
+            segment = shared_memory.SharedMemory(name=name, create=True, size=size)
+        except OSError as exc:
             log.warning("no shared memory region; this call goes over gRPC", extra={"reason": str(exc)})
             return None
         try:
@@ -156,12 +173,12 @@ class SharedMemoryPool:
                                                              client_timeout=CONTROL_TIMEOUT_S)
         except InferenceServerException:
             # Triton is down or restarting: the call goes over gRPC and gets its answer there.
-            shm.destroy_shared_memory_region(handle)
+            segment.close()
             return None
-        except BaseException:
-            shm.destroy_shared_memory_region(handle)
-            raise
-        return _Region(name, size, handle)
+        finally:
+            # Registered or not, the name is no longer needed: Triton mapped the region.
+            segment.unlink()
+        return _Region(name, size, segment)
 
     def retire(self, region: _Region) -> None:
         """Take back the region of a call that failed or was cancelled: Triton may still
@@ -182,19 +199,48 @@ class SharedMemoryPool:
             await self._destroy(region)
 
     async def clear(self) -> None:
-        """Destroy every pooled region (after Triton restarts, its registrations are gone)."""
+        """Destroy every pooled region (after Triton restarts, its registrations are
+        gone), and unregister the regions Triton still holds for a gateway that is gone."""
         regions = [r for rs in self._free.values() for r in rs] + [r for _, r in self._retired]
         self._free.clear()
         self._retired.clear()
         for region in regions:
             await self._destroy(region)
+        try:
+            status = await self._client.get_system_shared_memory_status(client_timeout=CONTROL_TIMEOUT_S)
+            for name in status.regions:
+                if not name.startswith(self._prefix) and _owner_gone(name):
+                    await self._client.unregister_system_shared_memory(name, client_timeout=CONTROL_TIMEOUT_S)
+        except InferenceServerException:
+            pass  # Triton is down: its registrations went with it
 
     async def _destroy(self, region: _Region) -> None:
         try:
             await self._client.unregister_system_shared_memory(region.name, client_timeout=CONTROL_TIMEOUT_S)
         except InferenceServerException:
             pass  # Triton is gone or restarted: nothing registered to undo
-        shm.destroy_shared_memory_region(region.handle)
+        region.close()
+
+
+def _owner_gone(name: str) -> bool:
+    """Whether region `name` (``convserve_<pid>_<tag>_<n>``) belongs to a gateway that
+    has ended: its pid is not running here, or is this process's own under another tag
+    (a restarted container's gateway gets the same pid again). A region of another
+    naming, or of a live gateway, is left alone."""
+    if not name.startswith(SHM_REGION_PREFIX):
+        return False
+    pid = name[len(SHM_REGION_PREFIX):].split("_", 1)[0]
+    if not pid.isdigit():
+        return False
+    if int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return False
 
 
 def _aligned(nbytes: int) -> int:
@@ -267,6 +313,8 @@ class TritonModels:
             response = await self._client.get_model_config(
                 model, model_version=version, client_timeout=CONTROL_TIMEOUT_S)
         except InferenceServerException as exc:
+            if version and _status_code(exc) == "NOT_FOUND" and model in self._known:
+                raise NotFound(f"model {model!r} has no version {version!r}") from None
             raise map_triton_error(exc, model) from None
         try:
             spec = ModelSpec.from_model_config(response.config)
@@ -322,8 +370,8 @@ class TritonModels:
             answer = await self._infer(spec, version, inputs, timeout_s, region)
         except InferenceServerException as exc:
             if region is not None and TRITON_SHM_UNKNOWN in (exc.message() or "").lower():
-                # Triton restarted and lost the registrations: drop them, answer over gRPC.
-                shm.destroy_shared_memory_region(region.handle)
+                # Triton restarted (or the region was swept): drop them, answer over gRPC.
+                region.close()
                 await self._shm.clear()
                 try:
                     return await self._infer(spec, version, inputs, timeout_s, None)
@@ -349,7 +397,7 @@ class TritonModels:
             if region is None:
                 tensor.set_data_from_numpy(array)
             else:
-                shm.set_shared_memory_region(region.handle, [np.ascontiguousarray(array)], offset)
+                region.write(array, offset)
                 tensor.set_shared_memory(region.name, array.nbytes, offset)
                 offset += _aligned(array.nbytes)
             infer_inputs.append(tensor)
@@ -376,10 +424,8 @@ class TritonModels:
         arrays = {}
         for tensor in spec.outputs:
             if tensor.name in placed:
-                shape = list(result.get_output(tensor.name).shape)
-                # A copy: the region goes back to the pool for the next call.
-                arrays[tensor.name] = np.array(shm.get_contents_as_numpy(
-                    region.handle, tensor.dtype, shape, placed[tensor.name]))
+                arrays[tensor.name] = region.read(tensor.dtype, list(result.get_output(tensor.name).shape),
+                                                  placed[tensor.name])
             else:
                 arrays[tensor.name] = result.as_numpy(tensor.name)
         return {name: _widen(a) for name, a in arrays.items()}, result.get_response().model_version

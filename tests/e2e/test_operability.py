@@ -128,7 +128,7 @@ def test_one_json_log_line_per_request(stack, vision):
 def test_stage_metrics_and_in_flight(stack, vision):
     vision.Classify(vision_pb2.ClassifyRequest(
         model="resnet18", images=[vision_pb2.Image(encoded=encode(photo("rocket.jpg"), "JPEG"))]), timeout=30)
-    for stage in ("decode", "preprocess", "infer", "postprocess"):
+    for stage in ("pool_wait", "decode", "preprocess", "infer", "postprocess"):
         count = _metric(stack, f'convserve_stage_duration_seconds_count{{model="resnet18",stage="{stage}"}}')
         assert count and count >= 1, stage
     assert _metric(stack, 'convserve_request_bytes_count{method="Classify"}') >= 1
@@ -171,3 +171,12 @@ def test_predict_cli_table_json_and_png(stack, tmp_path):
     assert bad.returncode == 2 and "INVALID_ARGUMENT: images[0].encoded: not a decodable image" in bad.stderr, \
         bad.stderr
     assert "Traceback" not in bad.stderr
+    # A file that is not there, a negative count, a version that does not exist: exit 2,
+    # the field and the value, no traceback.
+    for extra, message in (
+            ([str(tmp_path / "nowhere.jpg")], "images: " + str(tmp_path / "nowhere.jpg") + ": No such file"),
+            ([str(image_path), "--top-k", "-1"], "argument --top-k: must be 0 or more, got -1"),
+            ([str(image_path), "--model-version", "7"], "NOT_FOUND: model 'resnet18' has no version '7'")):
+        refused = subprocess.run(base[:4] + extra + base[5:], capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr

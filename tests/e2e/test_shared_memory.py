@@ -5,6 +5,7 @@ gRPC beside it); its regions are registered with Triton and cleaned up at exit."
 from __future__ import annotations
 
 import os
+import signal
 
 import grpc
 import numpy as np
@@ -62,19 +63,36 @@ def test_variable_size_outputs_come_over_grpc_beside_the_region(vision, grpc_onl
     assert (a.width, a.height) == (b.width, b.height) and a.image == b.image
 
 
-def test_regions_are_gone_when_the_gateway_stops(stack):
+def run_gateway(stack):
     port = free_port()
     gateway, _ = start_gateway(stack.workdir, stack.triton_grpc_port, port, 0)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        image = vision_pb2.Image(encoded=encode(photo("chelsea.png"), "JPEG"))
+        vision_pb2_grpc.VisionStub(channel).Classify(
+            vision_pb2.ClassifyRequest(model="resnet18", images=[image]), timeout=60)
+    return gateway, f"convserve_{gateway.pid}_"
+
+
+def test_no_name_in_dev_shm_and_regions_unregistered_at_exit(stack):
+    gateway, prefix = run_gateway(stack)
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            vision = vision_pb2_grpc.VisionStub(channel)
-            image = vision_pb2.Image(encoded=encode(photo("chelsea.png"), "JPEG"))
-            vision.Classify(vision_pb2.ClassifyRequest(model="resnet18", images=[image]), timeout=60)
-        prefix = f"convserve_{gateway.pid}_"
         assert any(name.startswith(prefix) for name in regions(stack))
-        assert any(name.startswith(prefix) for name in os.listdir("/dev/shm"))
+        # Unlinked as soon as Triton mapped them: nothing to leak from /dev/shm.
+        assert not any(name.startswith(prefix) for name in os.listdir("/dev/shm"))
     finally:
         gateway.terminate()
         assert gateway.wait(30) == 0
     assert not any(name.startswith(prefix) for name in regions(stack))
-    assert not any(name.startswith(prefix) for name in os.listdir("/dev/shm"))
+
+
+def test_a_killed_gateways_regions_are_swept_by_the_next(stack):
+    killed, prefix = run_gateway(stack)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(30)
+    assert any(name.startswith(prefix) for name in regions(stack))  # Triton still holds them
+    successor, _ = run_gateway(stack)
+    try:
+        assert not any(name.startswith(prefix) for name in regions(stack))
+    finally:
+        successor.terminate()
+        successor.wait(30)

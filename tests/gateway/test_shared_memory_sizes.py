@@ -1,11 +1,13 @@
-"""How the shared-memory transport sizes a call's region (service/gateway/triton.py)."""
+"""The shared-memory transport's sizing and sweeping (service/gateway/triton.py)."""
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
 from references import sample_spec
 from service.gateway.triton import (SHM_ALIGN, SHM_MIN_REGION_BYTES, SharedMemoryPool, _call_bytes,
-                                    _output_bytes)
+                                    _output_bytes, _owner_gone)
 from service.spec import TensorSpec
 
 
@@ -30,3 +32,14 @@ def test_variable_size_outputs_are_left_to_grpc():
     spec = sample_spec()
     variable = TensorSpec("generated__0", np.dtype(np.float32), (3, -1, -1))
     assert _output_bytes(spec, variable, 2) is None
+
+
+def test_only_regions_of_gateways_that_ended_are_swept():
+    import subprocess
+    import sys
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    assert _owner_gone(f"convserve_{int(ended.stdout)}_0a1b2c3d_1")
+    assert _owner_gone(f"convserve_{os.getpid()}_0a1b2c3d_1")  # our pid under another tag: a predecessor
+    assert not _owner_gone(f"convserve_{os.getppid()}_0a1b2c3d_1")  # alive
+    assert not _owner_gone("someone_else_1") and not _owner_gone("convserve_notapid_1")
