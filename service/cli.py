@@ -172,11 +172,24 @@ def _wait_for_signal_or_exit(triton) -> int | None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, watched)
 
 
+def _stop_with_parent() -> None:
+    """SIGTERM this process when whatever started it (a shell, make, a supervisor) dies,
+    so it drains and stops its Triton instead of serving on as an orphan; the signal is
+    handled like any SIGTERM. Closes the race with a parent that died already."""
+    from .embedded import lifetime
+
+    parent = os.getppid()
+    if lifetime.set_parent_death_signal(signal.SIGTERM) and os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def cmd_triton(args) -> int:
     """Runs until SIGTERM/SIGINT (exit 0) or until Triton dies: then it exits with Triton's
     status (128 + signal number for a signal, as shells report it), so a supervisor
     (systemd, Kubernetes) sees the crash and restarts the whole unit."""
     from .embedded import TritonExited
+
+    _stop_with_parent()
 
     settings = _triton_settings(args)
     try:
@@ -302,6 +315,7 @@ class TritonSupervisor:
 
 
 def cmd_serve(args) -> int:
+    _stop_with_parent()
     base = _triton_settings(args)
     if is_empty_repository(base.model_repository):
         export_defaults(base)

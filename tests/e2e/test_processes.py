@@ -48,7 +48,8 @@ class Run:
     """A `convserve` command in its own process group, and every process of its tree
     that the test saw: all of them are SIGKILLed by `cleanup`."""
 
-    def __init__(self, command: str, repo: Path, workdir: Path, extra_env: dict | None = None):
+    def __init__(self, command: str, repo: Path, workdir: Path, extra_env: dict | None = None,
+                 parent_shell: bool = False):
         self.workdir = workdir
         self.ports = dict(http=free_port(), grpc=free_port(), metrics=free_port(), gateway=free_port(),
                           gateway_metrics=free_port())
@@ -65,6 +66,8 @@ class Run:
                 "--triton-metrics-port", str(self.ports["metrics"])]
         if command == "serve":
             args += ["--port", str(self.ports["gateway"]), "--metrics-port", str(self.ports["gateway_metrics"])]
+        if parent_shell:  # started by a shell that waits for it, as `make serve` does
+            args = ["sh", "-c", '"$@" & wait', "sh", *args]
         self.log = workdir / f"convserve-{command}.log"
         self.process = subprocess.Popen(args, cwd=workdir, env=env, stdout=open(self.log, "wb"),
                                         stderr=subprocess.STDOUT, start_new_session=True)
@@ -151,6 +154,23 @@ def test_sigkill_serve_takes_triton_and_every_stub_with_it(repo, tmp_path):
         run.process.wait()
         took = _wait_gone([triton, *stubs])
         print(f"convserve serve SIGKILLed: tritonserver and {len(stubs)} stubs gone in {took:.2f}s")
+    finally:
+        run.cleanup()
+
+
+def test_serve_drains_and_stops_when_the_process_that_started_it_dies(repo, tmp_path):
+    run = Run("serve", repo, tmp_path, parent_shell=True)
+    try:
+        _wait_serving(run.address, START_TIMEOUT_S, run.process, run.log)
+        serve = psutil.Process(run.process.pid).children()[0]
+        tree = [serve, *serve.children(recursive=True)]
+        run.seen += tree
+        os.kill(run.process.pid, signal.SIGKILL)  # the shell, not serve
+        run.process.wait()
+        took = _wait_gone(tree, timeout_s=60)
+        # Its parent-death signal is SIGTERM: it drained and stopped Triton, as on any SIGTERM.
+        assert "triton stopped (exit code 0)" in run.output(), run.output()[-3000:]
+        print(f"the shell above convserve serve SIGKILLed: serve, tritonserver and stubs gone in {took:.2f}s")
     finally:
         run.cleanup()
 
