@@ -124,10 +124,21 @@ def _without_mha_fastpath():
         torch.backends.mha.set_fastpath_enabled(enabled)
 
 
-def to_onnx(wrapped: torch.nn.Module, inputs: tuple[torch.Tensor, ...], expected, path: Path,
-            spec: ModelSpec) -> float:
+def onnx_parity(path: Path, spec: ModelSpec, inputs: tuple[torch.Tensor, ...], expected,
+                what: str = "ONNX Runtime") -> float:
+    """Run the ONNX file at `path` with ONNX Runtime on `inputs` (every spec input, in
+    order) and `compare` its outputs with eager `expected`; `what` names the run in the
+    error. Returns the max abs difference."""
     import onnxruntime as ort
 
+    outputs = [t.name for t in spec.outputs]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(outputs, {t.name: value.numpy() for t, value in zip(spec.inputs, inputs)})
+    return compare(expected, [torch.from_numpy(g) for g in got], what, outputs)
+
+
+def to_onnx(wrapped: torch.nn.Module, inputs: tuple[torch.Tensor, ...], expected, path: Path,
+            spec: ModelSpec) -> float:
     values = inputs
     inputs = [t.name for t in spec.inputs]
     outputs = [t.name for t in spec.outputs]
@@ -139,9 +150,7 @@ def to_onnx(wrapped: torch.nn.Module, inputs: tuple[torch.Tensor, ...], expected
     with torch.inference_mode(), _without_mha_fastpath():
         torch.onnx.export(wrapped, tuple(values), str(path), input_names=inputs, output_names=outputs,
                           dynamic_axes=dynamic, opset_version=ONNX_OPSET, dynamo=False)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(outputs, {name: value.numpy() for name, value in zip(inputs, values)})
-    return compare(expected, [torch.from_numpy(g) for g in got], "ONNX Runtime", outputs)
+    return onnx_parity(path, spec, values, expected)
 
 
 def to_tensorrt(wrapped, inputs: tuple[torch.Tensor, ...], expected, path: Path, spec: ModelSpec) -> float:

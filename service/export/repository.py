@@ -22,7 +22,7 @@ from ..pipelines import layouts
 from ..spec import MODEL_FILENAME, SEEDED, ModelSpec, TensorSpec
 from . import ExportError, hub, zoo
 from .checkpoints import apply_state_dict, checkpoint_num_classes, load_state_dict, resolve_labels
-from .formats import compare, to_onnx, write_model_file
+from .formats import onnx_parity, to_onnx, write_model_file
 
 log = logging.getLogger("convserve.export")
 
@@ -126,8 +126,9 @@ def export_model(
 
     `cpu_runtime` (a TorchScript export only): ``onnxruntime`` also writes the model's
     ONNX file, checked like the TorchScript one, for the embedded CPU profile to run
-    (`CPU_RUNTIME_WHY`); where it cannot be exported or misses parity, the CPU profile
-    runs the TorchScript file and the reason is logged. ``torchscript`` writes no ONNX,
+    (faster than TorchScript for every default model: docs/performance.md); where it
+    cannot be exported or misses parity, the CPU profile runs the TorchScript file and
+    the reason is logged. ``torchscript`` writes no ONNX,
     nor does a model whose layout selects its outputs itself (`Layout.selects_in_model`:
     Faster/Mask R-CNN's in-graph NMS)."""
     arch = zoo.get(arch_name)
@@ -182,8 +183,6 @@ def export_model(
 
 # The embedded CPU profile's runtime for a TorchScript export (`--cpu-runtime`).
 CPU_RUNTIMES = ("onnxruntime", "torchscript")
-CPU_RUNTIME_WHY = ("ONNX Runtime ran the same weights 1.3-1.4x faster than TorchScript on these CPUs "
-                   "(docs/performance.md); production keeps libtorch (or TensorRT) on the same entry")
 # A second input size at which a variable-size model's ONNX file must also hold parity:
 # a trace can fix a size it was made at; this catches it.
 SECOND_SIZE_STEP = 32
@@ -205,12 +204,7 @@ def onnx_companion(wrapped: torch.nn.Module, inputs: tuple[torch.Tensor, ...], e
                                                                    width + SECOND_SIZE_STEP))
                 with torch.inference_mode():
                     want = wrapped(*other)
-                import onnxruntime as ort
-
-                session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-                names = [t.name for t in spec.outputs]
-                got = session.run(names, {t.name: v.numpy() for t, v in zip(spec.inputs, other)})
-                compare(want, [torch.from_numpy(g) for g in got], "ONNX Runtime (second size)", names)
+                onnx_parity(path, spec, other, want, "ONNX Runtime (second size)")
     except Exception as exc:  # any exporter failure: keep TorchScript for the CPU profile
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
         log.warning(f"{spec.name}: no ONNX file for the embedded CPU profile, which runs TorchScript ({reason})")
@@ -271,7 +265,7 @@ def write_entry(repo: Path, spec: ModelSpec, fmt: str, version: int, write_model
     `write_cpu_model`, for a TorchScript entry, writes the same model's ONNX file to the
     path it is given and returns whether it holds parity (False: nothing kept). When
     every version of the entry has one, the embedded CPU profile runs it with ONNX
-    Runtime (`CPU_RUNTIME_WHY`); production keeps the TorchScript file."""
+    Runtime (docs/performance.md says why); production keeps the TorchScript file."""
     if instance_count < 1:
         raise ExportError(f"--instances must be at least 1, got {instance_count}")
     entry = Path(repo) / spec.name
