@@ -157,9 +157,10 @@ class SharedMemoryPool:
         if free:
             return free.pop()
         try:
-            if os.statvfs(SHM_DIR).f_bavail * os.statvfs(SHM_DIR).f_frsize < size + SHM_HEADROOM_BYTES:
-                return None
+            room = os.statvfs(SHM_DIR)
         except OSError:
+            return None
+        if room.f_bavail * room.f_frsize < size + SHM_HEADROOM_BYTES:
             return None
         self._serial += 1
         name = f"{self._prefix}_{self._serial}"
@@ -363,18 +364,19 @@ class TritonModels:
         both the gRPC call and Triton's own request timeout."""
         if timeout_s is not None and timeout_s <= 0:
             raise DeadlineExceeded("deadline exceeded before inference")
-        region = None
+        region = layout = None
         if self._shm is not None:
-            region = await self._shm.acquire(_call_bytes(spec, inputs))
+            layout = _RegionLayout.of(spec, inputs)
+            region = await self._shm.acquire(layout.nbytes)
         try:
-            answer = await self._infer(spec, version, inputs, timeout_s, region)
+            answer = await self._infer(spec, version, inputs, timeout_s, region, layout)
         except InferenceServerException as exc:
             if region is not None and TRITON_SHM_UNKNOWN in (exc.message() or "").lower():
                 # Triton restarted (or the region was swept): drop them, answer over gRPC.
                 region.close()
                 await self._shm.clear()
                 try:
-                    return await self._infer(spec, version, inputs, timeout_s, None)
+                    return await self._infer(spec, version, inputs, timeout_s, None, None)
                 except InferenceServerException as again:
                     raise map_triton_error(again, spec.name) from None
             if region is not None:
@@ -389,29 +391,27 @@ class TritonModels:
         return answer
 
     async def _infer(self, spec: ModelSpec, version: str, inputs: dict[str, np.ndarray], timeout_s: float | None,
-                     region: _Region | None) -> tuple[dict[str, np.ndarray], str]:
-        """One Triton call; with `region`, inputs and the fixed-size outputs go through it."""
-        infer_inputs, offset = [], 0
+                     region: _Region | None, layout: "_RegionLayout | None") -> tuple[dict[str, np.ndarray], str]:
+        """One Triton call; with `region`, inputs and the fixed-size outputs go through it,
+        where `layout` places them."""
+        infer_inputs = []
         for name, array in inputs.items():
             tensor = InferInput(name, list(array.shape), triton_datatype_name(array.dtype))
             if region is None:
                 tensor.set_data_from_numpy(array)
             else:
-                region.write(array, offset)
-                tensor.set_shared_memory(region.name, array.nbytes, offset)
-                offset += _aligned(array.nbytes)
+                region.write(array, layout.inputs[name])
+                tensor.set_shared_memory(region.name, array.nbytes, layout.inputs[name])
             infer_inputs.append(tensor)
         outputs, placed = self._requested_outputs(spec), {}
         if region is not None:
-            items = len(next(iter(inputs.values())))
             outputs = []
             for tensor in spec.outputs:
                 requested = InferRequestedOutput(tensor.name)
-                nbytes = _output_bytes(spec, tensor, items)
-                if nbytes is not None:
+                if tensor.name in layout.outputs:
+                    offset, nbytes = layout.outputs[tensor.name]
                     requested.set_shared_memory(region.name, nbytes, offset)
                     placed[tensor.name] = offset
-                    offset += _aligned(nbytes)
                 outputs.append(requested)
         result = await self._client.infer(
             spec.name,
@@ -442,11 +442,28 @@ def _output_bytes(spec: ModelSpec, tensor, items: int) -> int | None:
     return per_call * items if spec.max_batch_size > 0 else per_call
 
 
-def _call_bytes(spec: ModelSpec, inputs: dict[str, np.ndarray]) -> int:
-    """Region bytes a call needs: its inputs and its fixed-size outputs, aligned."""
-    items = len(next(iter(inputs.values())))
-    total = sum(_aligned(a.nbytes) for a in inputs.values())
-    return total + sum(_aligned(n) for t in spec.outputs if (n := _output_bytes(spec, t, items)) is not None)
+@dataclass(frozen=True)
+class _RegionLayout:
+    """Where a call's tensors sit in its region: each input's offset, each fixed-size
+    output's (offset, bytes), aligned one after the other; `nbytes` in all."""
+
+    inputs: dict[str, int]
+    outputs: dict[str, tuple[int, int]]
+    nbytes: int
+
+    @classmethod
+    def of(cls, spec: ModelSpec, inputs: dict[str, np.ndarray]) -> "_RegionLayout":
+        offset, placed_inputs, placed_outputs = 0, {}, {}
+        for name, array in inputs.items():
+            placed_inputs[name] = offset
+            offset += _aligned(array.nbytes)
+        items = len(next(iter(inputs.values())))
+        for tensor in spec.outputs:
+            nbytes = _output_bytes(spec, tensor, items)
+            if nbytes is not None:
+                placed_outputs[tensor.name] = (offset, nbytes)
+                offset += _aligned(nbytes)
+        return cls(placed_inputs, placed_outputs, offset)
 
 
 def _widen(array: np.ndarray) -> np.ndarray:

@@ -6,8 +6,8 @@ import os
 import numpy as np
 
 from references import sample_spec
-from service.gateway.triton import (SHM_ALIGN, SHM_MIN_REGION_BYTES, SharedMemoryPool, _call_bytes,
-                                    _output_bytes, _owner_gone)
+from service.gateway.triton import (SHM_ALIGN, SHM_MIN_REGION_BYTES, SharedMemoryPool, _output_bytes, _owner_gone,
+                                    _RegionLayout)
 from service.spec import TensorSpec
 
 
@@ -19,13 +19,16 @@ def test_region_capacity_is_a_power_of_two_from_one_mib():
     assert SharedMemoryPool.capacity(3 * 640 * 640 + 84 * 8400 * 4) == 4 * SHM_MIN_REGION_BYTES
 
 
-def test_call_bytes_hold_inputs_and_fixed_outputs_aligned():
+def test_region_layout_places_inputs_then_fixed_outputs_aligned():
     spec = sample_spec()  # uint8 [3, 224, 224] in, float32 [C] out, batched
     images = np.zeros((3, 3, 224, 224), np.uint8)
     out = spec.outputs[0]
     assert _output_bytes(spec, out, 3) == 3 * int(np.prod(out.dims)) * 4
     aligned = lambda n: -(-n // SHM_ALIGN) * SHM_ALIGN  # noqa: E731
-    assert _call_bytes(spec, {spec.image_input.name: images}) == aligned(images.nbytes) + aligned(3 * out.dims[0] * 4)
+    layout = _RegionLayout.of(spec, {spec.image_input.name: images})
+    assert layout.nbytes == aligned(images.nbytes) + aligned(3 * out.dims[0] * 4)
+    assert layout.inputs == {spec.image_input.name: 0}
+    assert layout.outputs == {out.name: (aligned(images.nbytes), 3 * out.dims[0] * 4)}
 
 
 def test_variable_size_outputs_are_left_to_grpc():
