@@ -45,24 +45,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_gateway import PHOTOS, Stack, delta, machine, metric, scrape, table  # noqa: E402
+import peers_kserve_model as peers  # noqa: E402
+from bench_gateway import Stack, delta, machine, metric, scrape, table  # noqa: E402
+from bench_peers import photos  # noqa: E402
 
-JPEG_SIZE = (640, 480)
-JPEG_QUALITY = 90
 STAGES = ("pool_wait", "decode", "preprocess", "infer", "postprocess")
 MESSAGE_BYTES = 64 * 1024 * 1024
-
-
-def photos_as_jpeg() -> list[bytes]:
-    import skimage
-
-    out = []
-    for name in PHOTOS:
-        image = Image.open(Path(skimage.data_dir) / name).convert("RGB").resize(JPEG_SIZE, Image.BILINEAR)
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
-        out.append(buffer.getvalue())
-    return out
 
 
 def export_repository(repo: Path, models: list[str]) -> None:
@@ -188,19 +176,16 @@ async def run_blocks(stack: Stack, repo: Path, model: str, jpegs: list[bytes], r
     async def local_model(i):
         local(tensors[i % len(tensors)][name])
 
-    def pillow_ort_prepare(data: bytes) -> np.ndarray:
-        # The in-process reference: Pillow decode + torchvision-style Resize + CenterCrop.
-        image = Image.open(io.BytesIO(data)).convert("RGB")
-        w, h = image.size
-        scale = spec.resize_size / min(w, h)
-        image = image.resize((round(w * scale), round(h * scale)), Image.BILINEAR)
-        left = (image.width - spec.input_width) // 2
-        top = (image.height - spec.input_height) // 2
-        crop = image.crop((left, top, left + spec.input_width, top + spec.input_height))
-        return np.asarray(crop).transpose(2, 0, 1)[None].copy()
+    # The in-process reference: the peer benchmark's Pillow decode + torchvision-style
+    # Resize + CenterCrop.
+    crop = {"resize_size": spec.resize_size, "interpolation": spec.interpolation,
+            "width": spec.input_width, "height": spec.input_height}
+
+    def pillow_prepare(data: bytes) -> np.ndarray:
+        return peers.center_crop(Image.open(io.BytesIO(data)).convert("RGB"), crop)
 
     async def in_process(i):
-        local(pillow_ort_prepare(jpegs[i % len(jpegs)]))
+        local(pillow_prepare(jpegs[i % len(jpegs)]))
 
     modes = {"gateway": gateway, "triton direct": direct, "model alone": local_model}
     if spec.task == "classification":  # the Pillow reference below is torchvision's Resize + CenterCrop
@@ -319,7 +304,7 @@ def main(argv=None) -> int:
     repo = args.workdir / "repo"
     args.workdir.mkdir(parents=True, exist_ok=True)
     export_repository(repo, models)
-    jpegs = photos_as_jpeg()
+    jpegs = photos()
     stack = Stack(repo, args.workdir, shared_memory=not args.no_shared_memory)
     report = [f"machine: {machine()}", f"load average at start: {os.getloadavg()}",
               f"CONVSERVE_TORCH_THREADS={os.environ.get('CONVSERVE_TORCH_THREADS', '(unset)')}",
