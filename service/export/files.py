@@ -21,7 +21,7 @@ from .checkpoints import read_labels_file
 from .formats import _as_tuple
 from .origins import (ULTRALYTICS_CLASSIFY_CROP_FRACTION, ULTRALYTICS_MEAN, ULTRALYTICS_STD, ULTRALYTICS_TASKS,
                       FileFacts, read_facts, ultralytics_metadata)
-from .repository import DEFAULT_MAX_BATCH_SIZE, ExportResult, cpu_runtime_of, write_entry
+from .repository import DEFAULT_MAX_BATCH_SIZE, ExportResult, write_entry
 
 
 # --task -> the layout a file of that task has unless --layout says otherwise. Each
@@ -215,9 +215,10 @@ def entry_name(source: Path) -> str:
 
 def _write(source: Path, repo: Path, fmt: str, spec: ModelSpec, version: int, version_policy: str,
            max_queue_size: int, instances: int) -> ExportResult:
-    path, _ = write_entry(repo, spec, fmt, version, lambda dest: (shutil.copyfile(source, dest), 0.0)[1],
-                          version_policy=version_policy, max_queue_size=max_queue_size, instance_count=instances)
-    return ExportResult(spec.name, path, version, spec, 0.0, cpu_runtime=cpu_runtime_of(path))
+    path, _, cpu_runtime = write_entry(repo, spec, fmt, version, lambda dest: (shutil.copyfile(source, dest), 0.0)[1],
+                                       version_policy=version_policy, max_queue_size=max_queue_size,
+                                       instance_count=instances)
+    return ExportResult(spec.name, path, version, spec, 0.0, cpu_runtime=cpu_runtime)
 
 
 def _export_raw_image_file(source: Path, repo: Path, fmt: str, entry: layouts.Layout, *, task: str,

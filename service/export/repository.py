@@ -16,10 +16,9 @@ from typing import Callable
 import numpy as np
 import torch
 from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2 as mc
 
 from ..pipelines import layouts
-from ..spec import MODEL_FILENAME, SEEDED, ModelSpec, TensorSpec
+from ..spec import CPU_BACKEND, MODEL_FILENAME, SEEDED, ModelSpec, TensorSpec
 from . import ExportError, hub, zoo
 from .checkpoints import apply_state_dict, checkpoint_num_classes, load_state_dict, resolve_labels
 from .formats import onnx_parity, to_onnx, write_model_file
@@ -173,12 +172,12 @@ def export_model(
     def write_onnx_companion(path: Path) -> bool:
         return onnx_companion(wrapped, inputs, expected, path, spec, arch, seed)
 
-    path, diff = write_entry(repo, spec, fmt, version, write, version_policy=version_policy,
-                             max_queue_size=max_queue_size, instance_count=instances,
-                             write_cpu_model=write_onnx_companion if cpu_runtime == "onnxruntime"
-                             and not arch.layout.selects_in_model else None)
+    path, diff, cpu_backend = write_entry(repo, spec, fmt, version, write, version_policy=version_policy,
+                                          max_queue_size=max_queue_size, instance_count=instances,
+                                          write_cpu_model=write_onnx_companion if cpu_runtime == "onnxruntime"
+                                          and not arch.layout.selects_in_model else None)
     log.info("exported", extra={"model": name, "path": str(path), "version": version, "format": fmt})
-    return ExportResult(name, path, version, spec, diff, cpu_runtime=cpu_runtime_of(path))
+    return ExportResult(name, path, version, spec, diff, cpu_runtime=cpu_backend)
 
 
 # The embedded CPU profile's runtime for a TorchScript export (`--cpu-runtime`).
@@ -243,19 +242,13 @@ def entry_format(version_dir: Path) -> str | None:
     return None
 
 
-def cpu_runtime_of(entry: Path) -> str:
-    """What the embedded CPU profile of `entry` runs, read from its configs/cpu.pbtxt."""
-    path = entry / "configs" / "cpu.pbtxt"
-    if not path.is_file():
-        return ""
-    return text_format.Parse(path.read_text(), mc.ModelConfig()).backend
-
-
 def write_entry(repo: Path, spec: ModelSpec, fmt: str, version: int, write_model: Callable[[Path], float],
                 *, version_policy: str = "latest", max_queue_size: int = 0,
                 instance_count: int = 1, write_cpu_model: Callable[[Path], bool] | None = None,
-                ) -> tuple[Path, float]:
+                ) -> tuple[Path, float, str]:
     """Write (or update) `<repo>/<name>`: `<version>/model.*`, both configs and labels.
+    Returns the entry's folder, `write_model`'s parity figure and the backend its
+    embedded CPU profile runs ("" for TensorRT, which has none).
 
     The model file is written and checked in a temporary directory first and renamed
     into place, so Triton never sees a half-written model. Other versions stay. An
@@ -302,4 +295,4 @@ def write_entry(repo: Path, spec: ModelSpec, fmt: str, version: int, write_model
                                       cpu_fmt=cpu_fmt)
         path.write_text(f"# Written by convserve export ({profile} profile). Regenerate, don't edit.\n"
                         + text_format.MessageToString(config))
-    return entry, diff
+    return entry, diff, CPU_BACKEND.get(cpu_fmt, "") if fmt != "tensorrt" else ""
