@@ -326,7 +326,7 @@ def cmd_serve(args) -> int:
     # environment says otherwise.
     settings = settings.model_copy(update={
         "triton_url": f"127.0.0.1:{settings.triton_grpc_port}",
-        "triton_shared_memory": settings.triton_shared_memory or "CONVSERVE_TRITON_SHARED_MEMORY" not in os.environ})
+        "triton_shared_memory": settings.triton_shared_memory or "triton_shared_memory" not in settings.model_fields_set})
     logs.configure(settings.log_level)
     supervisor = TritonSupervisor(settings, _start_triton(settings))
     print(f"triton ready on 127.0.0.1:{settings.triton_grpc_port}; log {settings.triton_log}", flush=True)
