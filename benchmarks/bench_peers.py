@@ -168,10 +168,12 @@ class KServe:
         self.grpc_port = free_port()
         self.log = workdir / "kserve.log"
         self.process = subprocess.Popen(
-            [str(python), str(COMPANION), "--recipes", json.dumps(recipes), "--threads", str(threads),
-             "--grpc_port", str(self.grpc_port), "--http_port", str(free_port()), "--enable_latency_logging", "false"],
+            lifetime.with_parent_death_signal(
+                [str(python), str(COMPANION), "--recipes", json.dumps(recipes), "--threads", str(threads),
+                 "--grpc_port", str(self.grpc_port), "--http_port", str(free_port()),
+                 "--enable_latency_logging", "false"]),
             cwd=workdir, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, preexec_fn=lifetime.preexec_die_with_parent(os.getpid()))
+            start_new_session=True)
         deadline = time.monotonic() + 120
         with triton_sync.InferenceServerClient(f"127.0.0.1:{self.grpc_port}") as client:
             while True:

@@ -270,9 +270,9 @@ def start_triton(
                                              "log": str(log_path), "model_instances": instances,
                                              "threads_per_instance": threads})
     with open(log_path, "ab") as log_file:
-        # The preexec_fn only calls prctl, getppid and kill, set up before the fork, so it
-        # is safe beside the gateway's threads.
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                                   stdin=subprocess.DEVNULL, start_new_session=True,
-                                   preexec_fn=lifetime.preexec_die_with_parent(os.getpid()))
+        # No preexec_fn: nothing may run in a forked copy of this process, whose other
+        # threads may be in gRPC (see `lifetime`); the launcher sets the signal instead.
+        process = subprocess.Popen(lifetime.with_parent_death_signal(command), stdout=log_file,
+                                   stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL,
+                                   start_new_session=True)
     return TritonProcess(process, http_port, grpc_port, log_path)

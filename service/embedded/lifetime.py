@@ -11,7 +11,16 @@ Why a parent-death signal, and not the alternatives:
   Triton and restarts it), so it cannot cover both commands.
 - Linux's `prctl(PR_SET_PDEATHSIG, SIGKILL)` is set in the child and carried out by the
   kernel when the parent dies, whatever killed it. It survives `execve` (tritonserver is
-  not set-uid), so it can be set between fork and exec.
+  not set-uid), so a small launcher can set it and then exec tritonserver.
+
+Where it is set matters. Not in a `Popen(preexec_fn=...)`: that runs Python in a forked
+copy of a process whose other threads may be inside gRPC, and the copy runs gRPC's and
+Python's at-fork handlers before the hook. Measured: a process with three threads making
+gRPC calls (as the gateway's, or a test's load) started 2000 children that way: one died
+of SIGABRT before its exec and others logged gRPC errors from the child; CI once saw
+tritonserver "exit" with 139 (SIGSEGV) and no line of log when restarted under load.
+Without a preexec_fn, `subprocess` starts the child with vfork+exec, which runs no
+handlers, and the launcher (`with_parent_death_signal`) is a fresh interpreter.
 
 Two caveats, both handled here:
 
@@ -39,13 +48,29 @@ PARENT_POLL_S = 0.5
 if sys.platform.startswith("linux"):
     import ctypes
 
-    # Loaded once, at import: a preexec_fn runs between fork and exec, where loading a
-    # library (malloc, locks) is best avoided.
     _prctl = ctypes.CDLL(None, use_errno=True).prctl
     _prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
     _prctl.restype = ctypes.c_int
 else:  # pragma: no cover - not Linux
     _prctl = None
+
+# The launcher: a fresh interpreter (isolated, no site) that sets the parent-death signal,
+# ends itself if the parent it was started for is already gone (the signal would never
+# come), and execs the command in its own place (same pid). argv: parent pid, command.
+_LAUNCHER = """\
+import ctypes, os, signal, sys
+prctl = ctypes.CDLL(None, use_errno=True).prctl
+prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
+if prctl(1, signal.SIGKILL, 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
+    sys.exit("convserve launcher: prctl(PR_SET_PDEATHSIG) failed: " + os.strerror(ctypes.get_errno()))
+if os.getppid() != int(sys.argv[1]):
+    os.kill(os.getpid(), signal.SIGKILL)
+try:
+    os.execv(sys.argv[2], sys.argv[2:])
+except OSError as exc:
+    sys.stderr.write(f"convserve launcher: cannot run {sys.argv[2]}: {exc}\\n")
+    os._exit(127)
+"""
 
 
 def set_parent_death_signal(signum: int = signal.SIGKILL) -> bool:
@@ -58,14 +83,16 @@ def set_parent_death_signal(signum: int = signal.SIGKILL) -> bool:
     return True
 
 
-def preexec_die_with_parent(parent_pid: int):
-    """A `subprocess.Popen(preexec_fn=...)` that sets SIGKILL as the parent-death signal
-    in the child, then closes the race with a parent that already died: if the child
-    has been re-parented already, it kills itself before `exec`."""
-    def preexec() -> None:
-        if set_parent_death_signal(signal.SIGKILL) and os.getppid() != parent_pid:
-            os.kill(os.getpid(), signal.SIGKILL)
-    return preexec
+def with_parent_death_signal(command: list[str]) -> list[str]:
+    """`command` (argv, the program as a path) wrapped so that it gets SIGKILL when the
+    calling thread exits: pass the result to `subprocess.Popen` *without* a preexec_fn.
+    The process keeps its pid through the launcher's exec, so Popen's pid, signals and
+    return code are the command's own (127 if the program cannot be run). Call it from
+    the thread that calls Popen, one that lives as long as the process. Elsewhere than
+    Linux the command comes back unchanged."""
+    if _prctl is None:
+        return list(command)
+    return [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(os.getpid()), *map(str, command)]
 
 
 def _parent_is_triton(ppid: int) -> bool:
