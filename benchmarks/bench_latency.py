@@ -121,10 +121,11 @@ def model_file(repo: Path, model: str) -> Path:
 
 
 def backend_threads(repo: Path) -> int:
-    """The threads the embedded backends run with (as `start_triton` chooses them)."""
-    from service.embedded import instance_threads, repository_instances
+    """The threads an embedded backend's run gets when it is the only one (this benchmark
+    calls one request at a time), as `start_triton` chooses them."""
+    from service.embedded import repository_instances, thread_counts
 
-    return instance_threads(0, dict(os.environ), repository_instances(repo))
+    return thread_counts(0, dict(os.environ), repository_instances(repo)).alone
 
 
 async def run_blocks(stack: Stack, repo: Path, model: str, jpegs: list[bytes], requests: int, blocks: int,

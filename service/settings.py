@@ -71,13 +71,15 @@ class Settings(BaseSettings):
     triton_restart_backoff_max_s: float = Field(30.0, gt=0, le=3600)
     triton_restart_reset_s: float = Field(60.0, gt=0)
     default_models: str = "resnet18,yolo,unet,maskrcnn_resnet50_fpn,cyclegan,rcnn,fast_rcnn"
-    # Intra-op threads per model instance in the embedded backends (torch and ONNX
-    # Runtime). 0 (the default): the cores this process may use, shared out over every
-    # model instance in the repository, at least 1 each (`embedded.backend_threads`).
-    # Why: each instance's thread pool spins on as many cores as it has threads, and
-    # more threads than cores in total make loaded models wait on each other: measured
-    # at 1.0-1.9 s instead of 0.15 s per resnet18 request on an oversubscribed machine
-    # (docs/performance.md). A dedicated node serving one model gets all its cores.
+    # Intra-op threads of a run in the embedded backends (torch and ONNX Runtime). 0 (the
+    # default): adaptive (`embedded.thread_counts`): a run that has the machine to itself
+    # gets every core this process may use (one caller: the lowest latency), and runs
+    # that overlap get those cores shared out over every model instance in the
+    # repository, at least 1 each (`embedded.backend_threads`). Why shared under load:
+    # each thread pool spins on as many cores as it has threads, and more threads than
+    # cores in total make loaded models wait on each other: measured at 1.0-1.9 s instead
+    # of 0.15 s per resnet18 request on an oversubscribed machine (docs/performance.md).
+    # A number > 0 fixes every run at that many threads.
     torch_threads: int = Field(0, ge=0, le=1024)
 
     @field_validator("log_level")

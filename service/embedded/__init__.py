@@ -62,8 +62,12 @@ def assemble_backends(target: Path) -> Path:
     return target
 
 
-# The variable the backends read their intra-op thread count from (settings.torch_threads).
+# What start_triton tells the backends (they read it from their environment): the
+# intra-op threads of a run while other runs are under way (settings.torch_threads), of a
+# run that has the cores to itself, and the lock file through which runs see each other.
 THREADS_VARIABLE = "CONVSERVE_TORCH_THREADS"
+ALONE_THREADS_VARIABLE = "CONVSERVE_TORCH_THREADS_ALONE"
+CORE_LOCKS_VARIABLE = "CONVSERVE_CORE_LOCKS"
 
 
 def available_cores() -> int:
@@ -101,11 +105,31 @@ def backend_threads(cores: int, instances: int) -> int:
     return max(1, cores // max(1, instances))
 
 
-def instance_threads(threads: int, env: dict[str, str], instances: int) -> int:
-    """The intra-op threads per model instance: `threads` when given (> 0), else
-    CONVSERVE_TORCH_THREADS from `env` when set (> 0), else the available cores shared
-    out over `instances` (`backend_threads`)."""
-    return threads or int(env.get(THREADS_VARIABLE) or 0) or backend_threads(available_cores(), instances)
+@dataclass(frozen=True)
+class Threads:
+    """Intra-op threads of one run in an embedded backend: `shared` while any other run
+    (of any model instance of this Triton) is under way, `alone` when none is. Equal
+    when fixed by the settings."""
+
+    shared: int
+    alone: int
+
+    @property
+    def adaptive(self) -> bool:
+        return self.alone > self.shared
+
+
+def thread_counts(threads: int, env: dict[str, str], instances: int) -> Threads:
+    """The intra-op threads of the embedded backends' runs. Fixed at `threads` when given
+    (> 0), else at CONVSERVE_TORCH_THREADS from `env` when set (> 0). Otherwise adaptive:
+    a run that has the machine to itself uses every available core (one caller, the
+    latency case), and runs that overlap use the cores shared out over `instances`
+    (`backend_threads`: under load, no oversubscription)."""
+    fixed = threads or int(env.get(THREADS_VARIABLE) or 0)
+    if fixed:
+        return Threads(fixed, fixed)
+    cores = available_cores()
+    return Threads(backend_threads(cores, instances), cores)
 
 
 def _copy_if_changed(source: Path, dest: Path) -> None:
@@ -221,10 +245,13 @@ def start_triton(
 ) -> TritonProcess:
     """Start the embedded tritonserver on `repository` (CPU profile); returns at once.
 
-    Call `wait_ready` on the result to block until every model is loaded. Each model
-    instance runs `threads` intra-op threads (0: CONVSERVE_TORCH_THREADS where the
-    environment sets it, else `backend_threads` shares the cores out over the
-    repository's instances); the backends read the number from that variable.
+    Call `wait_ready` on the result to block until every model is loaded. Each run of a
+    model instance gets `threads` intra-op threads when that is > 0 (or
+    CONVSERVE_TORCH_THREADS where the environment sets it); otherwise `thread_counts`
+    makes it adaptive: every core for a run that has the machine to itself, the cores
+    shared out over the repository's instances while runs overlap. The backends read
+    the numbers, and the lock file in `state_dir` through which their runs see each
+    other (`backends._common.CoreShare`), from their environment.
 
     tritonserver runs in a session and process group of its own (a terminal's Ctrl-C
     reaches the caller only, who stops Triton after the gateway has drained), and it
@@ -248,8 +275,12 @@ def start_triton(
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in [str(libs), env.get("LD_LIBRARY_PATH", "")] if p)
     instances = repository_instances(repository)
-    threads = instance_threads(threads, env, instances)
-    env[THREADS_VARIABLE] = str(threads)
+    counts = thread_counts(threads, env, instances)
+    env[THREADS_VARIABLE] = str(counts.shared)
+    env[ALONE_THREADS_VARIABLE] = str(counts.alone)
+    locks = Path(state_dir).resolve() / "core-locks"
+    locks.touch()
+    env[CORE_LOCKS_VARIABLE] = str(locks)
     command = [
         str(root / "bin" / "tritonserver"),
         f"--model-repository={repository}",
@@ -268,7 +299,7 @@ def start_triton(
     ]
     log.info("starting tritonserver", extra={"repository": str(repository), "grpc_port": grpc_port,
                                              "log": str(log_path), "model_instances": instances,
-                                             "threads_per_instance": threads})
+                                             "threads_shared": counts.shared, "threads_alone": counts.alone})
     with open(log_path, "ab") as log_file:
         # No preexec_fn: nothing may run in a forked copy of this process, whose other
         # threads may be in gRPC (see `lifetime`); the launcher sets the signal instead.

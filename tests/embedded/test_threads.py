@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from service.embedded import (THREADS_VARIABLE, available_cores, backend_threads, instance_threads,
-                              repository_instances)
+from service.embedded import (THREADS_VARIABLE, Threads, available_cores, backend_threads, repository_instances,
+                              thread_counts)
 from service.settings import load_settings
 
 
@@ -43,9 +43,12 @@ def test_torch_threads_setting(monkeypatch):
     assert THREADS_VARIABLE == "CONVSERVE_TORCH_THREADS"
 
 
-def test_explicit_threads_win_over_the_environment_over_the_share():
-    share = backend_threads(available_cores(), 3)
-    assert instance_threads(0, {}, 3) == share
-    assert instance_threads(0, {THREADS_VARIABLE: "0"}, 3) == share
-    assert instance_threads(0, {THREADS_VARIABLE: "5"}, 3) == 5
-    assert instance_threads(4, {THREADS_VARIABLE: "5"}, 3) == 4
+def test_explicit_threads_win_over_the_environment_over_the_adaptive_default():
+    cores = available_cores()
+    adaptive = Threads(shared=backend_threads(cores, 3), alone=cores)
+    assert thread_counts(0, {}, 3) == adaptive
+    assert thread_counts(0, {THREADS_VARIABLE: "0"}, 3) == adaptive
+    assert thread_counts(0, {THREADS_VARIABLE: "5"}, 3) == Threads(5, 5)
+    assert thread_counts(4, {THREADS_VARIABLE: "5"}, 3) == Threads(4, 4)
+    assert not Threads(4, 4).adaptive
+    assert Threads(1, 2).adaptive

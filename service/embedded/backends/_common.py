@@ -9,10 +9,52 @@ request of that group with an error, and the model keeps serving.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 
 import numpy as np
+
+
+class CoreShare:
+    """Whether a run has the cores to itself, across every stub of one Triton.
+
+    start_triton passes the thread counts (`embedded.thread_counts`) and a lock file. A
+    stub holds a POSIX record lock on one byte of that file (at its pid) while it runs;
+    before a run it tries a shared lock over the whole file, which fails while any other
+    stub holds its byte. The kernel drops a dead stub's lock, so a crash mid-run leaves
+    nothing stale. Two runs that start at the same instant may both see themselves alone
+    (they then overlap with more threads than cores until one ends): a heuristic, never a
+    wrong answer. With fixed counts (settings.torch_threads), nothing is locked."""
+
+    def __init__(self, environ=os.environ):
+        self.shared = int(environ.get("CONVSERVE_TORCH_THREADS") or 0)
+        self.alone = int(environ.get("CONVSERVE_TORCH_THREADS_ALONE") or 0) or self.shared
+        path = environ.get("CONVSERVE_CORE_LOCKS")
+        self.adaptive = bool(path) and self.alone > self.shared > 0
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600) if self.adaptive else None
+
+    def _nobody_else_runs(self) -> bool:
+        try:
+            fcntl.lockf(self._fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 0, 0)  # the whole file
+        except OSError:
+            return False
+        fcntl.lockf(self._fd, fcntl.LOCK_UN, 0, 0)
+        return True
+
+    @contextlib.contextmanager
+    def run(self):
+        """Around one forward pass; yields the intra-op threads it should use."""
+        if not self.adaptive:
+            yield self.shared
+            return
+        threads = self.alone if self._nobody_else_runs() else self.shared
+        fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, os.getpid())
+        try:
+            yield threads
+        finally:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, os.getpid())
 
 
 class BatchedModel:
@@ -33,9 +75,11 @@ class BatchedModel:
         self.batched = int(self.config.get("max_batch_size", 0)) > 0
         filename = self.config.get("default_model_filename") or self.default_filename
         self.path = os.path.join(args["model_repository"], args["model_version"], filename)
+        self.cores = CoreShare()
         self.load(self.path)
 
-    # subclasses: default_filename, load(path), forward(list[np.ndarray]) -> list[np.ndarray]
+    # subclasses: default_filename, load(path) (self.cores says the thread counts),
+    # forward(list[np.ndarray], threads) -> list[np.ndarray]
 
     def execute(self, requests):
         pb = self.pb
@@ -54,7 +98,8 @@ class BatchedModel:
                     sizes = [arrays[i][0].shape[0] for i in members]
                 else:
                     batch, sizes = arrays[members[0]], None
-                outputs = self.forward(batch)
+                with self.cores.run() as threads:
+                    outputs = self.forward(batch, threads)
                 if len(outputs) != len(self.outputs):
                     raise RuntimeError(f"model returned {len(outputs)} outputs, config declares {len(self.outputs)}")
                 offsets = np.cumsum([0] + sizes) if sizes else None
