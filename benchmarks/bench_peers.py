@@ -4,8 +4,9 @@ KServe's ModelServer, on the same model file and the same photos.
     .venv/bin/python benchmarks/bench_peers.py [--models resnet18,yolo] [--seconds 4 --rounds 3] [--no-kserve]
 
 Every system runs THE SAME ONNX file (`<workdir>/repo/<entry>/1/model.onnx`, exported
-once with seed 0: resnet18_onnx at 224, yolo_onnx at 640) with ONNX Runtime on CPU,
-intra_op_num_threads = --threads (default: os.cpu_count()), on the same five
+once with seed 0: resnet18_onnx at 224, yolo_onnx at 640) with ONNX Runtime on CPU
+(the in-process loops and KServe with intra_op_num_threads = --threads, default
+os.cpu_count(); convserve as below), on the same five
 scikit-image photos (astronaut, coffee, chelsea, rocket, motorcycle_left), each
 resized to 640x480 and sent as the same JPEG bytes (quality 90), cycling. How each
 model is fed and read (input and output names, sizes, resize mode, top_k, detection
@@ -21,9 +22,11 @@ The systems:
   any serving: one thread decodes and preprocesses into a queue of 8, another runs
   ORT and the postprocessing. Its latency counts from the start of an image's decode,
   so it includes the queue.
-- convserve: the embedded Triton and the gateway as bench_gateway.py starts them
-  (Triton's ORT backend given the same thread count), called with the JPEG bytes
-  through the gateway's Classify (top_k from the model) / Detect, grpc.aio closed loop.
+- convserve: the embedded Triton and the gateway as bench_gateway.py starts them, with
+  convserve's own thread default (adaptive: every core for a run that is alone, the
+  cores shared out while runs overlap; --convserve-threads N fixes it) and
+  --instances model instances per entry, called with the JPEG bytes through the
+  gateway's Classify (top_k from the model) / Detect, grpc.aio closed loop.
 - kserve: KServe's ModelServer 0.21 running `peers_kserve_model.py`: a kserve.Model
   whose predict() takes an open-inference-protocol request with one BYTES input (the
   JPEG) and runs the same Pipeline off its event loop; called with tritonclient's
@@ -84,10 +87,10 @@ GOALS = (
 
 
 # ------------------------------------------------------------------ set-up
-def export(repo: Path, model: str) -> None:
+def export(repo: Path, model: str, instances: int) -> None:
     if not (repo / MODELS[model] / "1").is_dir():
         subprocess.run([sys.executable, "-m", "service.cli", "export", model, "--format", "onnx", "--repo", str(repo),
-                        "--seed", "0"], cwd=ROOT, check=True)
+                        "--seed", "0", "--instances", str(instances)], cwd=ROOT, check=True)
 
 
 def recipe(repo: Path, entry: str) -> dict:
@@ -494,6 +497,10 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds before each measured cell")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="ORT intra_op_num_threads, everywhere")
+    parser.add_argument("--instances", type=int, default=1,
+                        help="convserve's model instances per entry (convserve export --instances)")
+    parser.add_argument("--convserve-threads", type=int, default=0,
+                        help="fix convserve's backend threads (CONVSERVE_TORCH_THREADS; 0: its adaptive default)")
     parser.add_argument("--no-kserve", action="store_true", help="skip KServe (e.g. when its venv cannot be built)")
     parser.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / "results" / "peers")
     parser.add_argument("--kserve-venv", type=Path, default=None, help="default: <workdir>/kserve-venv")
@@ -504,10 +511,11 @@ def main(argv=None) -> int:
         parser.error(f"--models: unknown {unknown}; choose from {', '.join(MODELS)}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: no server outlives us
     workdir = args.workdir.resolve()
-    repo = workdir / "repo"
+    # The same seed gives the same file; only the entry's instance count differs.
+    repo = workdir / ("repo" if args.instances == 1 else f"repo-instances{args.instances}")
     workdir.mkdir(parents=True, exist_ok=True)
     for model in models:
-        export(repo, model)
+        export(repo, model, args.instances)
     recipes = {model: recipe(repo, MODELS[model]) for model in models}
     jpegs = photos()
     import onnxruntime
@@ -519,8 +527,12 @@ def main(argv=None) -> int:
         kserve_python = kserve_venv((args.kserve_venv or workdir / "kserve-venv").resolve())
         versions = venv_versions(kserve_python)
         kserve_note = "ModelServer in its own venv: " + ", ".join(f"{k} {v}" for k, v in versions.items())
-    # Triton's ORT backend reads its thread count from here (start_triton passes the environment on).
-    os.environ["CONVSERVE_TORCH_THREADS"] = str(args.threads)
+    # convserve runs its own default: adaptive threads (every core for a lone run, the
+    # cores shared out while runs overlap), unless --convserve-threads fixes them.
+    if args.convserve_threads:
+        os.environ["CONVSERVE_TORCH_THREADS"] = str(args.convserve_threads)
+    else:
+        os.environ.pop("CONVSERVE_TORCH_THREADS", None)
     stack = kserve = None
     try:
         stack = Stack(repo, workdir)
@@ -535,7 +547,8 @@ def main(argv=None) -> int:
     info["load_average_end"] = os.getloadavg()
     results = {"machine": info, "kserve": kserve_note, "models": measured,
                "settings": {"seconds": args.seconds, "rounds": args.rounds, "warmup": args.warmup,
-                            "threads": args.threads, "onnxruntime": onnxruntime.__version__,
+                            "threads": args.threads, "instances": args.instances,
+                            "convserve_threads": args.convserve_threads or "adaptive", "onnxruntime": onnxruntime.__version__,
                             "photos": list(PHOTOS), "photo_size": PHOTO_SIZE, "command": " ".join(sys.argv)}}
     results["goals"] = goals(results)
     text = report(results)
