@@ -31,10 +31,20 @@ SERVE_STARTUP_TIMEOUT_S = 1800
 STOP_TIMEOUT_S = 90
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free on 127.0.0.1 now, and never one this process handed out before:
+    two binds to port 0 in a row may get the same port once the first socket is closed
+    (seen once: Triton's HTTP and metrics ports equal, and Triton refused to start)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_serving(address: str, process: subprocess.Popen, timeout_s: float, log: Path) -> None:

@@ -2,13 +2,18 @@
 from __future__ import annotations
 
 import io
-import socket
+import sys
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+# The repository root, for the one free_port (loadtests.run's) that tests, load tests
+# and benchmarks share.
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+from loadtests.run import free_port  # noqa: E402,F401
 
 # Photos shipped inside scikit-image's wheel.
 PHOTO_NAMES = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png")
@@ -50,12 +55,6 @@ def with_exif_orientation(image: Image.Image, orientation: int) -> bytes:
     exif = Image.Exif()
     exif[0x0112] = orientation
     return encode(stored, "JPEG", quality=95, exif=exif.tobytes())
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def as_array(image: Image.Image) -> np.ndarray:

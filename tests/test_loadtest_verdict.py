@@ -41,3 +41,10 @@ def stats_csv(path: Path, requests: int, failures: int, p99: str) -> Path:
 ])
 def test_verdict(run_module, tmp_path, requests, failures, p99, slo, expected):
     assert run_module.verdict(stats_csv(tmp_path / "s.csv", requests, failures, p99), slo) == expected
+
+
+def test_free_port_never_hands_out_a_port_twice(run_module):
+    """Servers started side by side (Triton's HTTP, gRPC and metrics ports) each need
+    their own port: a repeat made Triton refuse to start."""
+    ports = [run_module.free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
