@@ -31,6 +31,9 @@ def cmd_export(args) -> int:
     from .export.repository import DEFAULT_MAX_BATCH_SIZE, export_model
 
     warnings.simplefilter("always", UserWarning)
+    # The library's warnings as the command's own lines, not Python's file:line form.
+    warnings.showwarning = lambda message, *_args, **_kw: print(
+        f"convserve export: warning: {message}", file=sys.stderr, flush=True)
     settings = load_settings(model_repository=args.repo)
     common = dict(version=args.version, version_policy=args.version_policy, max_queue_size=args.max_queue_size,
                   instances=args.instances)
@@ -55,6 +58,9 @@ def cmd_export(args) -> int:
             if args.published_if_cached and args.weights is not None:
                 raise ExportError("--published-if-cached chooses the weights itself; leave out --weights")
             weights = _published_if_cached(args.architecture) if args.published_if_cached else args.weights
+            if args.published_if_cached and weights is None:
+                # Already said, with the reason: not again as the library's warning.
+                warnings.filterwarnings("ignore", message=".*no --weights given", category=UserWarning)
             result = export_model(
                 args.architecture, settings.model_repository, name=args.name, weights=weights,
                 labels_file=args.labels, num_classes=args.num_classes, fmt=args.format,

@@ -121,7 +121,9 @@ def test_serves_default_set_takes_cached_published_weights_else_seeded(torch_hom
     repo = torch_home.parent / "r"
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     assert cli.main(["export", "squeezenet1_1", "--published-if-cached", "--repo", str(repo)]) == 0
-    assert "squeezenet1_1: seeded random weights" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert "squeezenet1_1: seeded random weights" in said.out
+    assert "no --weights given" not in said.err  # said once, with its reason, not again as a warning
     assert f"{SEEDED}" in (repo / "squeezenet1_1" / "config.pbtxt").read_text()
 
     # A stand-in file under torchvision's name (its hash is not the real one's).
@@ -137,6 +139,11 @@ def test_serves_default_set_takes_cached_published_weights_else_seeded(torch_hom
     # Architectures without published weights say so.
     assert cli.main(["export", "unet", "--published-if-cached", "--repo", str(repo), "--input-size", "32"]) == 0
     assert "unet: seeded random weights (it has no default published weights" in capsys.readouterr().out
+
+    # Without --published-if-cached the library's warning says it, as one line of the command's.
+    assert cli.main(["export", "unet", "--repo", str(repo), "--input-size", "32", "--name", "u2"]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "seeded random weights" in line]
+    assert len(warned) == 1 and warned[0].startswith("convserve export: warning: unet: no --weights given"), warned
 
 
 def test_checkpoint_files_are_recorded_by_name_and_hash(tmp_path):
