@@ -184,9 +184,7 @@ def _stop_with_parent() -> None:
     handled like any SIGTERM. Closes the race with a parent that died already."""
     from .embedded import lifetime
 
-    parent = os.getppid()
-    if lifetime.set_parent_death_signal(signal.SIGTERM) and os.getppid() != parent:
-        os.kill(os.getpid(), signal.SIGTERM)
+    lifetime.die_with_parent(signal.SIGTERM, os.getppid())
 
 
 def cmd_triton(args) -> int:

@@ -54,24 +54,6 @@ if sys.platform.startswith("linux"):
 else:  # pragma: no cover - not Linux
     _prctl = None
 
-# The launcher: a fresh interpreter (isolated, no site) that sets the parent-death signal,
-# ends itself if the parent it was started for is already gone (the signal would never
-# come), and execs the command in its own place (same pid). argv: parent pid, command.
-_LAUNCHER = """\
-import ctypes, os, signal, sys
-prctl = ctypes.CDLL(None, use_errno=True).prctl
-prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
-if prctl(1, signal.SIGKILL, 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
-    sys.exit("convserve launcher: prctl(PR_SET_PDEATHSIG) failed: " + os.strerror(ctypes.get_errno()))
-if os.getppid() != int(sys.argv[1]):
-    os.kill(os.getpid(), signal.SIGKILL)
-try:
-    os.execv(sys.argv[2], sys.argv[2:])
-except OSError as exc:
-    sys.stderr.write(f"convserve launcher: cannot run {sys.argv[2]}: {exc}\\n")
-    os._exit(127)
-"""
-
 
 def set_parent_death_signal(signum: int = signal.SIGKILL) -> bool:
     """Ask the kernel to send `signum` to this process when its parent thread exits.
@@ -83,6 +65,26 @@ def set_parent_death_signal(signum: int = signal.SIGKILL) -> bool:
     return True
 
 
+def die_with_parent(signum: int, parent_pid: int) -> None:
+    """Set `signum` as this process's parent-death signal, and close the race with a
+    parent that died before it was set (the signal would never come): when this
+    process's parent is no longer `parent_pid`, send `signum` to itself now."""
+    if set_parent_death_signal(signum) and os.getppid() != parent_pid:
+        os.kill(os.getpid(), signum)
+
+
+def launch(argv: list[str]) -> None:
+    """The launcher's body (`with_parent_death_signal`), in a fresh interpreter: argv is
+    the parent's pid, then the command. SIGKILL when that parent's thread exits, then
+    exec the command in this process's place (127 with a message if it cannot run)."""
+    die_with_parent(signal.SIGKILL, int(argv[0]))
+    try:
+        os.execv(argv[1], argv[1:])
+    except OSError as exc:
+        sys.stderr.write(f"convserve launcher: cannot run {argv[1]}: {exc}\n")
+        os._exit(127)
+
+
 def with_parent_death_signal(command: list[str]) -> list[str]:
     """`command` (argv, the program as a path) wrapped so that it gets SIGKILL when the
     calling thread exits: pass the result to `subprocess.Popen` *without* a preexec_fn.
@@ -92,7 +94,9 @@ def with_parent_death_signal(command: list[str]) -> list[str]:
     Linux the command comes back unchanged."""
     if _prctl is None:
         return list(command)
-    return [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(os.getpid()), *map(str, command)]
+    # A fresh interpreter runs `launch`, not a forked copy of this one (see above).
+    return [sys.executable, "-c", "import sys; from service.embedded.lifetime import launch; launch(sys.argv[1:])",
+            str(os.getpid()), *map(str, command)]
 
 
 def _parent_is_triton(ppid: int) -> bool:
