@@ -123,9 +123,9 @@ def model_file(repo: Path, model: str) -> Path:
 def backend_threads(repo: Path) -> int:
     """The threads an embedded backend's run gets when it is the only one (this benchmark
     calls one request at a time), as `start_triton` chooses them."""
-    from service.embedded import repository_instances, thread_counts
+    from service.embedded import repository_thread_counts
 
-    return thread_counts(0, dict(os.environ), repository_instances(repo)).alone
+    return repository_thread_counts(repo).alone
 
 
 async def run_blocks(stack: Stack, repo: Path, model: str, jpegs: list[bytes], requests: int, blocks: int,

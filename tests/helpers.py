@@ -148,11 +148,9 @@ def assert_close_scaled(got, want, rtol: float, atol: float = 0.0, err_msg: str 
 def served_threads(repo: Path) -> int:
     """The intra-op threads a lone request's run gets in the embedded Triton on `repo`
     (what `start_triton` gives the backends; tests call one request at a time)."""
-    import os
+    from service.embedded import repository_thread_counts
 
-    from service.embedded import repository_instances, thread_counts
-
-    return thread_counts(0, dict(os.environ), repository_instances(repo)).alone
+    return repository_thread_counts(repo).alone
 
 
 @contextmanager

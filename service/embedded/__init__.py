@@ -132,6 +132,13 @@ def thread_counts(threads: int, env: dict[str, str], instances: int) -> Threads:
     return Threads(backend_threads(cores, instances), cores)
 
 
+def repository_thread_counts(repository: Path, threads: int = 0, env: dict[str, str] | None = None) -> Threads:
+    """`thread_counts` for the embedded Triton on `repository` (its model instances),
+    `env` defaulting to this process's environment: what `start_triton` gives the
+    backends, for callers that want to run a model as Triton does."""
+    return thread_counts(threads, dict(os.environ) if env is None else env, repository_instances(repository))
+
+
 def _copy_if_changed(source: Path, dest: Path) -> None:
     if dest.exists() and dest.stat().st_size == source.stat().st_size and \
             dest.stat().st_mtime >= source.stat().st_mtime:
