@@ -16,6 +16,8 @@ import os
 
 import numpy as np
 
+from service.embedded import ALONE_THREADS_VARIABLE, CORE_LOCKS_VARIABLE, THREADS_VARIABLE
+
 
 class CoreShare:
     """Whether a run has the cores to itself, across every stub of one Triton.
@@ -29,9 +31,9 @@ class CoreShare:
     wrong answer. With fixed counts (settings.torch_threads), nothing is locked."""
 
     def __init__(self, environ=os.environ):
-        self.shared = int(environ.get("CONVSERVE_TORCH_THREADS") or 0)
-        self.alone = int(environ.get("CONVSERVE_TORCH_THREADS_ALONE") or 0) or self.shared
-        path = environ.get("CONVSERVE_CORE_LOCKS")
+        self.shared = int(environ.get(THREADS_VARIABLE) or 0)
+        self.alone = int(environ.get(ALONE_THREADS_VARIABLE) or 0) or self.shared
+        path = environ.get(CORE_LOCKS_VARIABLE)
         self.adaptive = bool(path) and self.alone > self.shared > 0
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600) if self.adaptive else None
 
