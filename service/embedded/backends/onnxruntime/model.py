@@ -28,14 +28,11 @@ class TritonPythonModel(BatchedModel):
         # load, for a second copy of the weights in memory (measured for resnet18: 168 ->
         # 240 MB per stub). Past TWO_SESSIONS_MAX_BYTES the model keeps one session, at
         # the shared count.
-        counts = {self.cores.shared, self.cores.alone}
-        if os.path.getsize(path) > TWO_SESSIONS_MAX_BYTES:
-            counts = {self.cores.shared}
-        self.sessions = {threads: session(threads) for threads in counts}
-        self.fallback = self.sessions[self.cores.shared]
-        self.feed_names = [i.name for i in self.fallback.get_inputs()]
-        self.fetch_names = [o.name for o in self.fallback.get_outputs()]
+        shared = session(self.cores.shared)
+        two = self.cores.adaptive and os.path.getsize(path) <= TWO_SESSIONS_MAX_BYTES
+        self.sessions = {self.cores.shared: shared, self.cores.alone: session(self.cores.alone) if two else shared}
+        self.feed_names = [i.name for i in shared.get_inputs()]
+        self.fetch_names = [o.name for o in shared.get_outputs()]
 
     def forward(self, batch, threads):
-        session = self.sessions.get(threads, self.fallback)
-        return session.run(self.fetch_names, dict(zip(self.feed_names, batch)))
+        return self.sessions[threads].run(self.fetch_names, dict(zip(self.feed_names, batch)))
