@@ -40,7 +40,15 @@ same top-1 class; YOLO: as many detections, boxes within 1 px); the run stops ot
 Then, in --rounds rounds, for each concurrency (1 and 8) and each system in turn: a
 --warmup, then --seconds measured, so that load from elsewhere falls on all alike.
 Pooled over rounds: images/s, p50/p90/p99 latency and the 1-minute load average at
-the start and end of each cell; then the ratios and the goals. Writes report.txt and
+the start and end of each cell; then the ratios and the goals.
+
+CPU per image: each cell also counts the CPU time (user + system, every thread) that
+the system under test used while it was measured, per image, in core-milliseconds:
+this process for the in-process loops; the gateway, tritonserver and the python
+backend stubs (where the model runs) for convserve; KServe's process tree. The
+callers' own CPU is not in the remote systems' figures. On a machine whose cores are
+saturated, throughput is at most cores x 1000 / (core-ms per image), so the table
+says how much of each system's time is the model and how much is serving. Writes report.txt and
 results.json to --workdir. Not a test: the goals are reported as met or missed.
 """
 from __future__ import annotations
@@ -340,12 +348,49 @@ def disagreement(answers: dict[str, dict], recipe: dict) -> str:
     return ""
 
 
-def summarize(latencies: list[float], elapsed: float, loads: list[tuple[float, float]]) -> dict:
+def summarize(latencies: list[float], elapsed: float, loads: list[tuple[float, float]],
+              cpu_s: dict[str, float]) -> dict:
     lat = np.asarray(latencies) * 1000.0
     p = np.percentile(lat, (50, 90, 99)) if len(lat) else (0.0, 0.0, 0.0)
+    per_image = {part: seconds * 1000.0 / len(lat) for part, seconds in cpu_s.items()} if len(lat) else {}
     return {"images": len(lat), "images_per_s": len(lat) / elapsed if elapsed else 0.0, "p50_ms": float(p[0]),
             "p90_ms": float(p[1]), "p99_ms": float(p[2]), "load_start": float(np.mean([a for a, _ in loads])),
-            "load_end": float(np.mean([b for _, b in loads])), "loads": loads}
+            "load_end": float(np.mean([b for _, b in loads])), "loads": loads, "cpu_ms_per_image": per_image}
+
+
+# ------------------------------------------------------------------ CPU meters
+def tree_cpu_seconds(pid: int, part=lambda process: "server") -> dict[str, float]:
+    """CPU seconds (user + system) used so far by process `pid` and its live
+    descendants, summed by `part(process)`."""
+    import psutil
+
+    root = psutil.Process(pid)
+    out: dict[str, float] = {}
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+            name = part(process)
+        except psutil.NoSuchProcess:
+            continue
+        out[name] = out.get(name, 0.0) + times.user + times.system
+    return out
+
+
+def convserve_cpu_seconds(stack: Stack) -> dict[str, float]:
+    """The gateway's CPU, tritonserver's own, and its python backend stubs' (the model)."""
+    def part(process) -> str:
+        return "stubs" if "triton_python_backend_stub" in " ".join(process.cmdline()) else "tritonserver"
+
+    return {"gateway": sum(tree_cpu_seconds(stack.gateway.pid).values()),
+            **tree_cpu_seconds(stack.triton.process.pid, part)}
+
+
+def own_cpu_seconds() -> dict[str, float]:
+    return {"process": time.process_time()}
+
+
+def cpu_used(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {part: after[part] - before.get(part, 0.0) for part in after}
 
 
 async def agreement(model: str, pipeline: peers.Pipeline, jpeg: bytes, remote: Remote, kserve: bool) -> str:
@@ -382,7 +427,10 @@ async def agreement(model: str, pipeline: peers.Pipeline, jpeg: bytes, remote: R
     return agreed
 
 
-async def run_model(model: str, recipe: dict, jpegs: list[bytes], remote: Remote, kserve: bool, args) -> dict:
+async def run_model(model: str, recipe: dict, jpegs: list[bytes], remote: Remote, kserve: bool,
+                    meters: dict, args) -> dict:
+    """Every cell of one model, interleaved over rounds. `meters`: system -> a function
+    returning the CPU seconds that system has used so far, by part."""
     entry = MODELS[model]
     pipeline = peers.Pipeline(recipe, args.threads)
     agreed = await agreement(model, pipeline, jpegs[0], remote, kserve)
@@ -401,14 +449,18 @@ async def run_model(model: str, recipe: dict, jpegs: list[bytes], remote: Remote
 
     cells = [(f"{system} c={c}", runner(system, c)) for c in CONCURRENCY for system in SYSTEMS
              if (system != "pipelined" or c == PIPELINED) and (system != "kserve" or kserve)]
-    pooled = {label: ([], 0.0, []) for label, _ in cells}
+    pooled = {label: ([], 0.0, [], {}) for label, _ in cells}
     for r in range(args.rounds):
         for label, run in cells:
+            meter = meters[label.rsplit(" c=", 1)[0]]
             load_start = os.getloadavg()[0]
             await _awaited(run(args.warmup))
+            cpu_before = meter()
             latencies, elapsed = await _awaited(run(args.seconds))
-            lat, total, loads = pooled[label]
-            pooled[label] = (lat + latencies, total + elapsed, loads + [(load_start, os.getloadavg()[0])])
+            used = cpu_used(cpu_before, meter())
+            lat, total, loads, cpu = pooled[label]
+            pooled[label] = (lat + latencies, total + elapsed, loads + [(load_start, os.getloadavg()[0])],
+                             {part: cpu.get(part, 0.0) + used.get(part, 0.0) for part in {*cpu, *used}})
         print(f"  {model}: round {r + 1}/{args.rounds} done", flush=True)
     return {"entry": entry, "recipe": recipe, "agreement": agreed,
             "cells": {label: summarize(*pooled[label]) for label, _ in cells}}
@@ -469,11 +521,25 @@ def report(results: dict) -> str:
                 rows.append([c, f"{what}: convserve / {other}", "n/a" if value is None else f"{value:.3f}"])
         minus = compare(res["cells"], "convserve c=1", "in-process c=1", "p50 minus")
         rows.append([1, "p50 latency: convserve - in-process (ms)", f"{minus:.2f}"])
+        out.append(cpu_table(model, res["cells"], info["cores"]))
         out.append(table(f"{model}: ratios", ["conc", "ratio", "value"], rows))
     rows = [[g["model"], g["goal"], "n/a" if g["measured"] is None else f"{g['measured']:.3f}", g["target"],
              g["verdict"]] for g in results["goals"]]
     out.append(table("Goals", ["model", "goal", "measured", "target", "verdict"], rows))
     return "\n".join(out)
+
+
+def cpu_table(model: str, cells: dict, cores: int) -> str:
+    """Core-ms per image of each cell, by part, and the throughput that CPU allows."""
+    rows = []
+    for label, r in cells.items():
+        parts = r.get("cpu_ms_per_image") or {}
+        total = sum(parts.values())
+        detail = ", ".join(f"{part} {ms:.2f}" for part, ms in sorted(parts.items(), key=lambda kv: -kv[1]))
+        rows.append([label.rsplit(" c=", 1)[1], label.rsplit(" c=", 1)[0], f"{total:.2f}", detail,
+                     f"{cores * 1000.0 / total:.1f}" if total else "n/a"])
+    return table(f"{model}: CPU per image, core-ms (servers only; {cores} cores)",
+                 ["conc", "system", "core-ms/image", "by part", f"images/s at {cores} cores busy"], rows)
 
 
 def _loads(values) -> str:
@@ -483,8 +549,12 @@ def _loads(values) -> str:
 # ------------------------------------------------------------------ main
 async def run_all(stack: Stack, kserve: KServe | None, recipes: dict, jpegs: list[bytes], args) -> dict:
     remote = Remote(stack.gateway_port, kserve.grpc_port if kserve else None)
+    meters = {"in-process": own_cpu_seconds, "pipelined": own_cpu_seconds,
+              "convserve": lambda: convserve_cpu_seconds(stack)}
+    if kserve:
+        meters["kserve"] = lambda: tree_cpu_seconds(kserve.process.pid)
     try:
-        return {model: await run_model(model, recipes[model], jpegs, remote, kserve is not None, args)
+        return {model: await run_model(model, recipes[model], jpegs, remote, kserve is not None, meters, args)
                 for model in recipes}
     finally:
         await remote.close()
