@@ -21,7 +21,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import lifetime
+from . import lifetime, regions
 
 log = logging.getLogger("convserve.triton")
 
@@ -162,6 +162,8 @@ class TritonProcess:
     http_port: int
     grpc_port: int
     log_path: Path
+    # Its python backend stubs' shared-memory regions start with this (`regions.prefix`).
+    shm_prefix: str = ""
 
     @property
     def grpc_url(self) -> str:
@@ -198,10 +200,14 @@ class TritonProcess:
 
     def reap(self) -> int:
         """After tritonserver died: SIGKILL what is left of its process group (the python
-        backend stubs and their loaded models), reap it, and return `exit_status`."""
+        backend stubs and their loaded models), reap it, remove the stubs' shared-memory
+        regions (a killed tritonserver leaves them in /dev/shm: see `regions`), and
+        return `exit_status`."""
         if self.process.returncode is None:
             self._signal_group(signal.SIGKILL)
             self.process.wait()
+        if self.shm_prefix:
+            regions.remove(self.shm_prefix)
         return self.exit_status
 
     @property
@@ -265,6 +271,10 @@ def start_triton(
     dies with the caller: SIGKILL is its parent-death signal (see `lifetime`). That
     signal follows the thread that forks, so this must be called from the main thread,
     which lives as long as the process; it raises anywhere else.
+
+    Its stubs' shared-memory regions carry a prefix of their own, removed when it is
+    reaped (`TritonProcess.reap`); those of tritonservers whose starter died without
+    reaping them are removed here, before it starts (`regions`).
     """
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError("start_triton must be called from the main thread: tritonserver's parent-death "
@@ -288,6 +298,8 @@ def start_triton(
     locks = Path(state_dir).resolve() / "core-locks"
     locks.touch()
     env[CORE_LOCKS_VARIABLE] = str(locks)
+    regions.remove_orphans()
+    shm_prefix = regions.prefix()
     command = [
         str(root / "bin" / "tritonserver"),
         f"--model-repository={repository}",
@@ -303,6 +315,7 @@ def start_triton(
         f"--exit-timeout-secs={exit_timeout_s}",
         "--strict-readiness=true",
         "--log-verbose=0",
+        regions.backend_config(shm_prefix),
     ]
     log.info("starting tritonserver", extra={"repository": str(repository), "grpc_port": grpc_port,
                                              "log": str(log_path), "model_instances": instances,
@@ -313,4 +326,4 @@ def start_triton(
         process = subprocess.Popen(lifetime.with_parent_death_signal(command), stdout=log_file,
                                    stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL,
                                    start_new_session=True)
-    return TritonProcess(process, http_port, grpc_port, log_path)
+    return TritonProcess(process, http_port, grpc_port, log_path, shm_prefix)

@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from conftest import start_gateway
 from helpers import encode, free_port, photo
 from service._proto import vision_pb2, vision_pb2_grpc
+from service.embedded import regions
 
 pytestmark = pytest.mark.e2e
 
@@ -139,9 +140,12 @@ def test_kill_9_under_load_and_recovery(outage):
         try:
             _wait_for(lambda: sum(code == "OK" for _, _, code in calls) >= 5, 60)
             # The whole process group, as when a container is OOM-killed: tritonserver and its stubs.
+            dead_regions = list(regions.SHM_DIR.glob(outage.triton.shm_prefix + "*"))
+            assert dead_regions  # the stub's shared memory in /dev/shm
             killed_at = time.monotonic()
             os.killpg(outage.triton.process.pid, signal.SIGKILL)
-            outage.triton.process.wait()
+            outage.triton.reap()  # as `convserve serve` does before it restarts Triton
+            assert not any(path.exists() for path in dead_regions)
             went_down = _wait_for(lambda: _status(channel, "") == NOT_SERVING, 10.0)
             assert _status(channel, "liveness") == SERVING
             time.sleep(1.0)  # keep the load on the dead Triton for a while

@@ -1,7 +1,9 @@
 """Process life cycle with real processes and SIGKILL: neither tritonserver nor a python
 backend stub outlives its parent; `convserve triton` exits with Triton's status when
 Triton dies; `convserve serve` restarts a dead Triton and the gateway serves again; and
-`convserve predict` ends quietly when its stdout closes, with `--out` written.
+`convserve predict` ends quietly when its stdout closes, with `--out` written. The
+stubs' shared-memory regions in /dev/shm go with a killed tritonserver too: its reaper
+removes them, or, when its starter was killed as well, the next start does.
 
 Each test runs its own small repository (two 64 px resnet18 entries, TorchScript and
 ONNX, so both python-based backends run a stub) on free ports, and kills every process
@@ -23,6 +25,7 @@ from PIL import Image
 from conftest import _wait_serving
 from helpers import encode, free_port, photo
 from service._proto import vision_pb2, vision_pb2_grpc
+from service.embedded import regions
 
 pytestmark = pytest.mark.e2e
 
@@ -150,9 +153,14 @@ def test_sigkill_serve_takes_triton_and_every_stub_with_it(repo, tmp_path):
     try:
         _wait_serving(run.address, START_TIMEOUT_S, run.process, run.log)
         triton, stubs = run.triton_tree()
+        assert len(regions.owned_by(run.process.pid)) == STUBS  # one region per stub
         os.kill(run.process.pid, signal.SIGKILL)
         run.process.wait()
         took = _wait_gone([triton, *stubs])
+        # Nobody reaped that tritonserver: its regions stay until the next start's sweep.
+        assert len(regions.owned_by(run.process.pid)) == STUBS
+        regions.remove_orphans()
+        assert regions.owned_by(run.process.pid) == []
         print(f"convserve serve SIGKILLed: tritonserver and {len(stubs)} stubs gone in {took:.2f}s")
     finally:
         run.cleanup()
@@ -193,12 +201,14 @@ def test_sigkill_tritonserver_ends_convserve_triton_with_its_status(repo, tmp_pa
     try:
         run.wait_triton_ready()
         triton, stubs = run.triton_tree()
+        assert len(regions.owned_by(run.process.pid)) == STUBS
         os.kill(triton.pid, signal.SIGKILL)
         took = _wait_gone(stubs)
         # A supervisor sees the crash: convserve triton ends too, with 128 + SIGKILL.
         assert run.process.wait(GONE_WITHIN_S) == SIGKILL_STATUS, run.output()[-3000:]
         assert f"exit status {SIGKILL_STATUS}" in run.output()
         assert not _alive(triton)  # reaped, no zombie left behind
+        assert regions.owned_by(run.process.pid) == []  # and its stubs' regions removed
         print(f"tritonserver SIGKILLed: stubs gone in {took:.2f}s, convserve triton exited {SIGKILL_STATUS}")
     finally:
         run.cleanup()
@@ -217,6 +227,7 @@ def test_stubs_do_not_outlive_an_unreaped_tritonserver(repo, tmp_path):
         stubs = [p for p in seen[0].children(recursive=True) if p.name().startswith("triton_python")]
         seen += stubs
         assert len(stubs) == STUBS
+        assert len(list(regions.SHM_DIR.glob(triton.shm_prefix + "*"))) == STUBS
         os.kill(triton.process.pid, signal.SIGKILL)  # and not reaped: a zombie until `finally`
         took = _wait_gone(stubs)
         assert triton.process.returncode is None
@@ -227,7 +238,8 @@ def test_stubs_do_not_outlive_an_unreaped_tritonserver(repo, tmp_path):
                 process.kill()
             except psutil.Error:
                 pass
-        triton.process.wait()
+        triton.reap()
+    assert list(regions.SHM_DIR.glob(triton.shm_prefix + "*")) == []  # reaped: its stubs' regions removed
 
 
 def test_sigkill_tritonserver_under_serve_restarts_it_and_the_gateway_recovers(repo, tmp_path):
@@ -236,10 +248,15 @@ def test_sigkill_tritonserver_under_serve_restarts_it_and_the_gateway_recovers(r
         _wait_serving(run.address, START_TIMEOUT_S, run.process, run.log)
         assert _classify(run.address).results
         triton, stubs = run.triton_tree()
+        old_regions = regions.owned_by(run.process.pid)
+        assert len(old_regions) == STUBS
         killed_at = time.monotonic()
         os.kill(triton.pid, signal.SIGKILL)
         took = _wait_gone([triton, *stubs])
         new_triton, new_stubs = run.triton_tree(not_pid=triton.pid)
+        # The restart reaped the dead one and removed its stubs' regions; the new stubs have their own.
+        new_regions = regions.owned_by(run.process.pid)
+        assert len(new_regions) == STUBS and not set(old_regions) & set(new_regions)
         _wait_serving(run.address, START_TIMEOUT_S, run.process, run.log)
         assert _classify(run.address).results
         recovered = time.monotonic() - killed_at
@@ -250,6 +267,7 @@ def test_sigkill_tritonserver_under_serve_restarts_it_and_the_gateway_recovers(r
         run.process.send_signal(signal.SIGTERM)
         assert run.process.wait(60) == 0, run.output()[-3000:]
         _wait_gone([new_triton, *new_stubs])
+        assert regions.owned_by(run.process.pid) == []
         print(f"tritonserver SIGKILLed under serve: old stubs gone in {took:.2f}s, "
               f"Classify through the gateway OK again {recovered:.2f}s after the kill")
     finally:
