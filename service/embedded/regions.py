@@ -65,14 +65,20 @@ def remove(region_prefix: str) -> int:
     many. Call it once the tritonserver that made them has exited."""
     if not region_prefix.startswith(PREFIX):
         raise ValueError(f"{region_prefix!r} is not an embedded Triton's region prefix")
-    removed = 0
-    for path in SHM_DIR.glob(region_prefix + "*"):
-        try:
-            path.unlink()
-            removed += 1
-        except FileNotFoundError:
-            pass
-    return removed
+    return sum(_unlink(path) for path in SHM_DIR.glob(region_prefix + "*"))
+
+
+def _unlink(path: Path) -> bool:
+    """Remove one region's name; False when it is gone already or not ours to remove
+    (another user's, in the sticky /dev/shm)."""
+    try:
+        path.unlink()
+        return True
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        log.warning("could not remove a shared-memory region", extra={"path": str(path), "error": str(exc)})
+        return False
 
 
 def owned_by(owner_pid: int) -> list[Path]:
@@ -99,13 +105,8 @@ def remove_orphans() -> int:
     removed = 0
     for path in SHM_DIR.glob(f"{PREFIX}{namespace}_*"):
         owner = path.name[len(PREFIX) + len(namespace) + 1:].split("_", 1)[0]
-        if not owner.isdigit() or _alive(int(owner)):
-            continue
-        try:
-            path.unlink()
-            removed += 1
-        except FileNotFoundError:
-            pass
+        if owner.isdigit() and not _alive(int(owner)):
+            removed += _unlink(path)
     if removed:
         log.info("removed orphaned python backend shared-memory regions", extra={"regions": removed})
     return removed

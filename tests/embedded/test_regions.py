@@ -73,3 +73,22 @@ def test_remove_orphans_takes_the_regions_of_dead_owners_only(made):
     assert regions.remove_orphans() >= 2
     assert regions.owned_by(dead) == []
     assert live.exists() and other_namespace.exists() and malformed.exists()
+
+
+def test_a_region_it_may_not_remove_is_left_with_a_warning(made, monkeypatch, caplog):
+    """Another user's region in the sticky /dev/shm: unlink raises PermissionError; the
+    sweep goes on (a start must not fail on it)."""
+    dead = _dead_pid()
+    theirs, ours = made(regions.prefix(dead) + "theirs"), made(regions.prefix(dead) + "ours")
+    real_unlink = type(theirs).unlink
+
+    def unlink(path, *args, **kwargs):
+        if path == theirs:
+            raise PermissionError(1, "Operation not permitted", str(path))
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(type(theirs), "unlink", unlink)
+    with caplog.at_level("WARNING", logger="convserve.triton"):
+        assert regions.remove_orphans() >= 1
+    assert theirs.exists() and not ours.exists()
+    assert any("could not remove" in r.message and str(theirs) in r.path for r in caplog.records)
