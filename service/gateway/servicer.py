@@ -8,10 +8,11 @@ from __future__ import annotations
 from contextlib import aclosing
 
 from .._proto import vision_pb2_grpc
-from ..errors import InvalidArgument, NotFound
+from ..errors import InvalidArgument
 from ..pipelines import classification, detection, generation, segmentation
 from . import convert
 from .dataplane import DataPlane
+from .triton import unknown_model
 
 
 class VisionServicer(vision_pb2_grpc.VisionServicer):
@@ -52,7 +53,8 @@ class VisionServicer(vision_pb2_grpc.VisionServicer):
     async def GetModel(self, request, context):
         if not request.name:
             raise InvalidArgument("name", "a model name is required")
-        for status, spec in await self.plane.list_models():
+        models = await self.plane.list_models()
+        for status, spec in models:
             if status.name == request.name:
                 return convert.model_info(status, spec)
-        raise NotFound(f"unknown model {request.name!r}")
+        raise unknown_model(request.name, [status.name for status, _ in models if status.ready])

@@ -6,12 +6,14 @@ repository is read from disk. Triton's errors become domain errors (errors.py).
 from __future__ import annotations
 
 import asyncio
+import difflib
 import logging
 import os
 import time
 import uuid
 from dataclasses import dataclass
 from multiprocessing import shared_memory
+from typing import Sequence
 
 import numpy as np
 import tritonclient.grpc.aio as triton_aio
@@ -35,6 +37,28 @@ class ModelStatus:
     name: str
     versions: tuple[str, ...]
     ready: bool
+
+
+# An unknown model's error names at most this many of the served models.
+LISTED_MODELS = 12
+
+
+def unknown_model(model: str, served: Sequence[str] | None) -> NotFound:
+    """NotFound for `model`, with the closest served name (difflib's ratio >= 0.6) and the
+    served names (the first LISTED_MODELS, sorted); `served` None: not known (Triton's
+    index could not be read), nothing listed."""
+    message = f"unknown model {model!r}"
+    if served is None:
+        return NotFound(message)
+    names = sorted(served)
+    close = difflib.get_close_matches(model, names, n=1)
+    if close:
+        message += f"; did you mean {close[0]!r}?"
+    if not names:
+        return NotFound(message + " (no model is ready)")
+    more = len(names) - LISTED_MODELS
+    listed = ", ".join(names[:LISTED_MODELS]) + (f" and {more} more" if more > 0 else "")
+    return NotFound(f"{message} (ready: {listed})")
 
 
 # Triton tells these conditions apart only by message: each comes back with status
@@ -314,8 +338,11 @@ class TritonModels:
             response = await self._client.get_model_config(
                 model, model_version=version, client_timeout=CONTROL_TIMEOUT_S)
         except InferenceServerException as exc:
-            if version and _status_code(exc) == "NOT_FOUND" and model in self._known:
-                raise NotFound(f"model {model!r} has no version {version!r}") from None
+            if _status_code(exc) == "NOT_FOUND":
+                if version and model in self._known:
+                    raise NotFound(f"model {model!r} has no version {version!r}") from None
+                if not version:
+                    raise unknown_model(model, await self.ready_names()) from None
             raise map_triton_error(exc, model) from None
         try:
             spec = ModelSpec.from_model_config(response.config)
@@ -341,6 +368,13 @@ class TritonModels:
             statuses.append(ModelStatus(name, versions, ready))
             self._known.add(name)
         return statuses
+
+    async def ready_names(self) -> list[str] | None:
+        """The names of the models that are ready; None when Triton cannot say."""
+        try:
+            return [status.name for status in await self.models() if status.ready]
+        except ConvserveError:
+            return None
 
     # --- inference
     def _requested_outputs(self, spec: ModelSpec) -> list[InferRequestedOutput]:

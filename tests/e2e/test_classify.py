@@ -8,6 +8,7 @@ import pytest
 
 from helpers import bad_request_field, as_array, encode, photo
 from service._proto import vision_pb2
+from service.gateway.triton import unknown_model
 
 pytestmark = pytest.mark.e2e
 
@@ -100,7 +101,14 @@ def test_unknown_model_is_not_found(vision):
         vision.Classify(vision_pb2.ClassifyRequest(
             model="no_such_model", images=[vision_pb2.Image(encoded=encode(photo("chelsea.png")))]), timeout=30)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
-    assert "no_such_model" in info.value.details()
+    # The name sent, and the models that are ready: those ListModels says are.
+    ready = [m.name for m in vision.ListModels(vision_pb2.ListModelsRequest(), timeout=30).models if m.ready]
+    assert "resnet18" in ready
+    assert info.value.details() == str(unknown_model("no_such_model", ready))
+    with pytest.raises(grpc.RpcError) as info:
+        vision.Classify(vision_pb2.ClassifyRequest(
+            model="resnet19", images=[vision_pb2.Image(encoded=encode(photo("chelsea.png")))]), timeout=30)
+    assert "did you mean 'resnet18'?" in info.value.details()
 
 
 def test_health_and_metrics(stack, vision):

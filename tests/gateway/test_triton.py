@@ -7,7 +7,7 @@ import grpc
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from service.gateway.triton import map_triton_error
+from service.gateway.triton import LISTED_MODELS, map_triton_error, unknown_model
 
 
 def _error(code: grpc.StatusCode | None, message: str = "details") -> InferenceServerException:
@@ -66,3 +66,20 @@ def test_unavailable_is_told_apart_by_tritons_own_messages(message, expected, sa
 def test_messages_name_the_model_and_nothing_of_triton():
     error = map_triton_error(_error(grpc.StatusCode.INTERNAL, "at /srv/models/m/1/model.py line 3"), "m")
     assert error.message == "inference failed for model 'm'"
+
+
+def test_an_unknown_model_names_the_closest_and_the_ready_ones():
+    error = unknown_model("resnet19", ["yolo", "resnet18", "unet"])
+    assert error.code == "NOT_FOUND"
+    assert str(error) == "unknown model 'resnet19'; did you mean 'resnet18'? (ready: resnet18, unet, yolo)"
+    # Nothing close: only the list; none ready; not known (Triton's index unreadable).
+    assert str(unknown_model("x", ["yolo"])) == "unknown model 'x' (ready: yolo)"
+    assert str(unknown_model("x", [])) == "unknown model 'x' (no model is ready)"
+    assert str(unknown_model("x", None)) == "unknown model 'x'"
+
+
+def test_an_unknown_model_lists_a_bounded_number_of_names():
+    served = [f"model_{i:03d}" for i in range(LISTED_MODELS + 5)]
+    message = str(unknown_model("other", served))
+    assert message.endswith(f"model_{LISTED_MODELS - 1:03d} and 5 more)")
+    assert f"model_{LISTED_MODELS:03d}" not in message
