@@ -84,6 +84,12 @@ def _color(index: int) -> tuple[int, int, int]:
     return int(r * 255), int(g * 255), int(b * 255)
 
 
+def caption(name: str, score: float) -> str:
+    """A box's caption: its label and score, two decimals, or two significant digits for
+    a score under 0.01 (a low `--score-threshold` shows such boxes; "0.00" said nothing)."""
+    return f"{name} {score:.2f}" if score >= 0.01 else f"{name} {score:.2g}"
+
+
 def draw_boxes(image: Image.Image, boxes: list[tuple[list[float], str, int]]) -> Image.Image:
     """The image with each (box [x_min, y_min, x_max, y_max] in pixels, caption, class
     index) drawn as an outline in its class's color, the caption on a filled tab above

@@ -77,10 +77,10 @@ def detect(stub, args, images) -> int:
         for result in response.results
     ]
     if args.out:  # first: the file is written whatever becomes of stdout
-        from .draw import draw_boxes
+        from .draw import caption, draw_boxes
 
         image = draw_boxes(_upright(args.images[0]), [
-            (d["box"], f"{d['name']} {d['score']:.2f}", d["index"]) for d in rows[0]])
+            (d["box"], caption(d["name"], d["score"]), d["index"]) for d in rows[0]])
         image.save(args.out, format="PNG")
     if args.json:
         _print_json(response, [{"image": str(p), "width": r.image_width, "height": r.image_height,
@@ -173,14 +173,14 @@ def segment(stub, args, images) -> int:
 
         import numpy as np
 
-        from .draw import draw_instances, draw_label_map
+        from .draw import caption, draw_instances, draw_label_map
 
         result, image = response.results[0], _upright(args.images[0])
         if result.label_map_png:
             drawn = draw_label_map(image, np.asarray(Image.open(io.BytesIO(result.label_map_png))))
         else:
             drawn = draw_instances(image, [
-                ((d.box.x_min, d.box.y_min, d.box.x_max, d.box.y_max), f"{d.label.name} {d.label.score:.2f}",
+                ((d.box.x_min, d.box.y_min, d.box.x_max, d.box.y_max), caption(d.label.name, d.label.score),
                  _mask(d.mask, result.image_height, result.image_width)) for d in result.instances])
         drawn.save(args.out, format="PNG")
     if args.json:

@@ -287,3 +287,13 @@ def test_voc_palette_and_overlays():
     mask = label_map == 1
     drawn = np.asarray(draw_instances(image, [((5.0, 5.0, 20.0, 10.0), "person 0.90", mask)]))
     assert drawn.shape == (20, 30, 3) and (drawn[7, 10] == [164, 100, 100]).all() and (drawn[15:, 25:] == 200).all()
+
+
+def test_captions_keep_two_significant_digits_of_a_small_score():
+    from service.client.draw import caption
+
+    assert caption("person", 0.8734) == "person 0.87"
+    assert caption("person", 0.01) == "person 0.01"
+    # A box shown by a low --score-threshold: "0.00" would say nothing.
+    assert caption("person", 0.000234) == "person 0.00023"
+    assert caption("person", 0.0) == "person 0"
