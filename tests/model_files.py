@@ -168,3 +168,16 @@ def bgr_half_file(path: Path) -> Path:
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
+
+
+def with_external_data(path: Path, location: str) -> Path:
+    """Re-save the ONNX file at `path` with its tensors in one external data file at
+    `location` (relative to it; tensors under 1 KB stay inline, as onnx.save_model and
+    torch.onnx write them), as ONNX files over 2 GB must keep theirs."""
+    import onnx
+
+    model = onnx.load(str(path))
+    (path.parent / location).parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=location, size_threshold=1024)
+    return path

@@ -5,7 +5,8 @@ its origin hands it over (tests/model_files.py builds them):
   flag but ``--instances 2``: task, labels, size and batch from the file.
 - ``ultra_cls``: an Ultralytics classify export, no flag at all.
 - ``keras_nhwc``: a tf2onnx-style Keras classifier, NHWC, 24 x 32, probabilities,
-  Keras MobileNet's normalization.
+  Keras MobileNet's normalization; its tensors in an external data file in a subfolder
+  (as ONNX files over 2 GB keep theirs), which the entry must carry along.
 - ``caffe_bgr``: a float16 model trained on BGR (``--channel-order bgr``).
 """
 from __future__ import annotations
@@ -13,11 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 
 ULTRA_DET_INSTANCES = 2
+KERAS_EXTERNAL_DATA = "keras_nhwc.weights/tensors.bin"
 
 
 def export(repo: Path, root: Path, checkpoints: dict) -> None:
     from model_files import (BGR_LABELS, KERAS_LABELS, KERAS_MEAN, KERAS_STD, bgr_half_file, keras_nhwc_file,
-                             ultralytics_classify_file, ultralytics_detect_file)
+                             ultralytics_classify_file, ultralytics_detect_file, with_external_data)
     from service.export.files import export_from_file
 
     files = root / "imports"
@@ -29,7 +31,8 @@ def export(repo: Path, root: Path, checkpoints: dict) -> None:
 
     labels = files / "keras_labels.txt"
     labels.write_text("\n".join(KERAS_LABELS) + "\n")
-    checkpoints["keras_nhwc"] = keras_nhwc_file(files / "keras_nhwc.onnx")
+    checkpoints["keras_nhwc"] = with_external_data(keras_nhwc_file(files / "keras_nhwc.onnx"),
+                                                   KERAS_EXTERNAL_DATA)
     export_from_file(checkpoints["keras_nhwc"], repo, task="classification", layout="probabilities",
                      labels_file=labels, mean=KERAS_MEAN, std=KERAS_STD, max_batch_size=4)
     labels = files / "bgr_labels.txt"

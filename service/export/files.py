@@ -145,7 +145,7 @@ def export_from_file(
         return _export_raw_image_file(source, repo, fmt, entry, task=task, name=name, input_size=input_size,
                                       labels=labels, sources=sources, version=version,
                                       version_policy=version_policy, max_queue_size=max_queue_size,
-                                      instances=instances)
+                                      instances=instances, external_data=facts.external_data)
 
     # The image input: layout, size, dtype and batch, from flags and the file's shape.
     image_layout, sources["input_layout"] = _input_layout(facts, input_layout, source.name)
@@ -205,7 +205,7 @@ def export_from_file(
         max_batch_size=max_batch_size, fixed_batch=fixed_batch, resize_mode=mode, resize_size=resize_size,
         mean=normalization["mean"], std=normalization["std"], channel_order=order, input_layout=image_layout,
         output_layout=entry.name, labels=tuple(labels), options=dict(described.options or {}), sources=sources)
-    return _write(source, repo, fmt, spec, version, version_policy, max_queue_size, instances)
+    return _write(source, repo, fmt, spec, version, version_policy, max_queue_size, instances, facts.external_data)
 
 
 def entry_name(source: Path) -> str:
@@ -214,16 +214,26 @@ def entry_name(source: Path) -> str:
 
 
 def _write(source: Path, repo: Path, fmt: str, spec: ModelSpec, version: int, version_policy: str,
-           max_queue_size: int, instances: int) -> ExportResult:
-    path, _, cpu_runtime = write_entry(repo, spec, fmt, version, lambda dest: (shutil.copyfile(source, dest), 0.0)[1],
-                                       version_policy=version_policy, max_queue_size=max_queue_size,
-                                       instance_count=instances)
+           max_queue_size: int, instances: int, external_data: tuple[str, ...] = ()) -> ExportResult:
+    def copy(dest: Path) -> float:
+        shutil.copyfile(source, dest)
+        # An ONNX file's external data goes along, at the same place relative to it
+        # (Triton's and convserve's runtimes read it from there); the file is renamed
+        # model.onnx, its tensors keep naming their data files as they did.
+        for location in external_data:
+            (dest.parent / location).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source.parent / location, dest.parent / location)
+        return 0.0
+
+    path, _, cpu_runtime = write_entry(repo, spec, fmt, version, copy, version_policy=version_policy,
+                                       max_queue_size=max_queue_size, instance_count=instances)
     return ExportResult(spec.name, path, version, spec, 0.0, cpu_runtime=cpu_runtime)
 
 
 def _export_raw_image_file(source: Path, repo: Path, fmt: str, entry: layouts.Layout, *, task: str,
                            name: str | None, input_size, labels: list[str], sources: dict[str, str],
-                           version: int, version_policy: str, max_queue_size: int, instances: int) -> ExportResult:
+                           version: int, version_policy: str, max_queue_size: int, instances: int,
+                           external_data: tuple[str, ...] = ()) -> ExportResult:
     """A file that resizes and normalizes itself: uint8 RGB [1, 3, H, W] of any size,
     one image per call, checked on one image that is not square."""
     if input_size is None:
@@ -241,7 +251,7 @@ def _export_raw_image_file(source: Path, repo: Path, fmt: str, entry: layouts.La
         outputs=tuple(TensorSpec(t.name, t.dtype, t.dims) for t in described.outputs),
         max_batch_size=1, resize_mode=described.resize_mode, output_layout=entry.name, labels=tuple(labels),
         options=dict(described.options or {}), sources=sources)
-    return _write(source, repo, fmt, spec, version, version_policy, max_queue_size, instances)
+    return _write(source, repo, fmt, spec, version, version_policy, max_queue_size, instances, external_data)
 
 
 def _input_layout(facts: FileFacts, flag: str | None, source: str) -> tuple[str, str]:

@@ -51,6 +51,9 @@ class FileFacts:
     input_dtype: np.dtype | None = None
     input_dims_text: str = ""
     metadata: dict[str, str] | None = None
+    # The ONNX file's external data files, as its tensors name them (paths relative to
+    # its folder, each checked to be inside it and present).
+    external_data: tuple[str, ...] = ()
 
     def shape_text(self) -> str:
         """The input shape as it reads in messages: ``[N, 224, 224, 3]``."""
@@ -86,7 +89,46 @@ def read_facts(source: Path, fmt: str) -> FileFacts:
         raise ExportError(f"{source.name}: input {first.name!r} has ONNX element type {tensor_type.elem_type}; "
                           "convserve feeds float32, float16 or uint8 images")
     return FileFacts(first.name, tuple(dims), np.dtype(dtype), f"[{', '.join(texts)}]",
-                     {p.key: p.value for p in model.metadata_props})
+                     {p.key: p.value for p in model.metadata_props}, external_data(model, source))
+
+
+def _tensors(graph):
+    """Every TensorProto of an ONNX graph: initializers, and the tensors in node
+    attributes, subgraphs (If, Loop, Scan bodies) included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from _tensors(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _tensors(subgraph)
+
+
+def external_data(model, source: Path) -> tuple[str, ...]:
+    """The external data files that the ONNX `model` read from `source` names (ONNX's
+    `location` entries, relative to the file's folder), in order of first use.
+
+    Raises ExportError for a location outside that folder (absolute, or with ``..``),
+    which a repository entry cannot hold, and for a file that is not there."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    locations: dict[str, None] = {}
+    for tensor in _tensors(model.graph):
+        if uses_external_data(tensor):
+            locations.setdefault(ExternalDataInfo(tensor).location, None)
+    folder = source.resolve().parent
+    for location in locations:
+        path = (folder / location).resolve()
+        if Path(location).is_absolute() or folder not in path.parents:
+            raise ExportError(f"{source.name} keeps tensors in {location!r}, outside its folder; "
+                              "only external data next to the file (or below it) can be exported")
+        if not path.is_file():
+            raise ExportError(f"{source.name} keeps tensors in {location!r}, which is not there "
+                              f"({path} does not exist): copy it next to {source.name}")
+    return tuple(locations)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@
   scale_boxes), for several images in one request and in a DetectStream;
 - ``ultra_cls``, an Ultralytics classify export: classify_transforms written out, the
   file's own softmax;
-- ``keras_nhwc``: HWC pixels normalized as Keras' MobileNet preprocess_input;
+- ``keras_nhwc``: HWC pixels normalized as Keras' MobileNet preprocess_input, its
+  tensors in an external data file that the entry carries;
 - ``caffe_bgr``: a float16 model that answers by channel order.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from model_files import (BGR_LABELS, CLASSIFY_IMGSZ, CLASSIFY_NAMES, DETECT_IMGS
                          KERAS_MEAN, KERAS_STD, KERAS_WIDTH)
 from references import slow_detect, ultralytics_classify_transforms, ultralytics_letterbox
 from service._proto import vision_pb2
-from stack_imports import ULTRA_DET_INSTANCES
+from stack_imports import KERAS_EXTERNAL_DATA, ULTRA_DET_INSTANCES
 
 pytestmark = pytest.mark.e2e
 
@@ -113,6 +114,9 @@ def test_ultralytics_classify_file_answers_as_ultralytics(vision, stack):
 
 
 def test_keras_nhwc_file_sees_hwc_pixels(vision, stack):
+    # The entry holds the file's external data where the file names it (Triton loads both).
+    version = stack.repo / "keras_nhwc" / "1"
+    assert (version / KERAS_EXTERNAL_DATA).is_file() and (version / "model.onnx").is_file()
     images = [photo(name).resize((KERAS_WIDTH, KERAS_HEIGHT), Image.BILINEAR) for name in PHOTO_NAMES[:3]]
     response = vision.Classify(vision_pb2.ClassifyRequest(model="keras_nhwc", images=[png(i) for i in images],
                                                           top_k=3), timeout=120)

@@ -13,7 +13,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from model_files import (BGR_LABELS, CLASSIFY_IMGSZ, CLASSIFY_NAMES, DETECT_IMGSZ, DETECT_NAMES, KERAS_HEIGHT,
                          KERAS_LABELS, KERAS_WIDTH, add_metadata, bgr_half_file, keras_nhwc_file,
-                         ultralytics_classify_file, ultralytics_detect_file, ultralytics_metadata)
+                         keras_nhwc_weights, ultralytics_classify_file, ultralytics_detect_file,
+                         ultralytics_metadata, with_external_data)
 from service.export import ExportError
 from service.export.files import export_from_file
 from service.export.origins import ultralytics_metadata as parse_metadata
@@ -211,3 +212,48 @@ def test_torchscript_nhwc_file_is_refused_with_the_flag_that_fits(tmp_path):
     spec = export_from_file(source, tmp_path / "repo", task="classification", input_size=20, labels_file=labels,
                             input_layout="nhwc").spec
     assert spec.input_layout == "NHWC" and spec.image_input.dims == (20, 20, 3)
+
+
+def _keras_labels(tmp_path):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(KERAS_LABELS) + "\n")
+    return labels
+
+
+def test_external_data_goes_along_and_the_entry_answers_as_the_weights_say(tmp_path):
+    """An ONNX file whose tensors live in a data file (in a subfolder, as the file names
+    it): the entry holds both, at the same relative place, and ONNX Runtime on the
+    entry's model.onnx answers as the dense layer written out in numpy."""
+    import onnxruntime as ort
+
+    source = with_external_data(keras_nhwc_file(tmp_path / "keras.onnx"), "weights/keras.bin")
+    result = export_from_file(source, tmp_path / "repo", task="classification", labels_file=_keras_labels(tmp_path),
+                              layout="probabilities")
+    version = result.path / "1"
+    assert sorted(str(p.relative_to(version)) for p in version.rglob("*") if p.is_file()) == \
+        ["model.onnx", "weights/keras.bin"]
+    x = np.random.default_rng(1).normal(size=(2, KERAS_HEIGHT, KERAS_WIDTH, 3)).astype(np.float32)
+    session = ort.InferenceSession(str(version / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x})[0]
+    weight, bias = keras_nhwc_weights()
+    logits = x.reshape(2, -1).astype(np.float64) @ weight + bias
+    expected = np.exp(logits - logits.max(1, keepdims=True))
+    np.testing.assert_allclose(got, expected / expected.sum(1, keepdims=True), atol=1e-5)
+
+
+def test_external_data_outside_the_folder_or_missing_is_refused(tmp_path):
+    import onnx
+
+    source = with_external_data(keras_nhwc_file(tmp_path / "keras.onnx"), "keras.bin")
+    (tmp_path / "keras.bin").rename(tmp_path / "elsewhere.bin")
+    with pytest.raises(ExportError, match=r"keeps tensors in 'keras.bin', which is not there .*copy it next to"):
+        export_from_file(source, tmp_path / "repo", task="classification", labels_file=_keras_labels(tmp_path))
+    model = onnx.load(str(source), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../elsewhere.bin"
+    source.write_bytes(model.SerializeToString())
+    with pytest.raises(ExportError, match=r"keeps tensors in '../elsewhere.bin', outside its folder"):
+        export_from_file(source, tmp_path / "repo", task="classification", labels_file=_keras_labels(tmp_path))
+    assert not (tmp_path / "repo" / "keras").exists()

@@ -3,8 +3,22 @@ import os
 
 from service.embedded.backends._common import BatchedModel
 
-# The largest model file that gets a second session for adaptive threads (see load).
+# The largest model (file and external data) that gets a second session for adaptive
+# threads (see load).
 TWO_SESSIONS_MAX_BYTES = 256 << 20
+
+
+def model_bytes(path: str) -> int:
+    """The size of the ONNX model at `path` with its external data: every file of its
+    version folder (the exporter puts nothing else there) but a TorchScript entry's
+    own `model.pt`, which its ONNX companion sits beside."""
+    folder = os.path.dirname(path)
+    total = 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            if not (root == folder and name == "model.pt"):
+                total += os.path.getsize(os.path.join(root, name))
+    return total
 
 
 class TritonPythonModel(BatchedModel):
@@ -29,7 +43,7 @@ class TritonPythonModel(BatchedModel):
         # 240 MB per stub). Past TWO_SESSIONS_MAX_BYTES the model keeps one session, at
         # the shared count.
         shared = session(self.cores.shared)
-        two = self.cores.adaptive and os.path.getsize(path) <= TWO_SESSIONS_MAX_BYTES
+        two = self.cores.adaptive and model_bytes(path) <= TWO_SESSIONS_MAX_BYTES
         self.sessions = {self.cores.shared: shared, self.cores.alone: session(self.cores.alone) if two else shared}
         self.feed_names = [i.name for i in shared.get_inputs()]
         self.fetch_names = [o.name for o in shared.get_outputs()]
