@@ -34,6 +34,14 @@ UNLABELLED_TASKS = ("generation",)
 # normalize them themselves (one image is sent per call); the others take float
 # images of a fixed size, NCHW or NHWC, normalized with --mean/--std.
 RAW_IMAGE_TASKS = ("instance_segmentation",)
+# Files of other frameworks, and how each becomes an ONNX file that --from-file takes
+# (tf2onnx for Keras and TensorFlow, as the README's Keras row).
+CONVERT_FIRST = {
+    ".h5": "tf2onnx.convert.from_keras(keras.models.load_model('MODEL.h5'), output_path='model.onnx')",
+    ".keras": "tf2onnx.convert.from_keras(keras.models.load_model('MODEL.keras'), output_path='model.onnx')",
+    ".pb": "python -m tf2onnx.convert --saved-model SAVED_MODEL_DIR --output model.onnx",
+    ".tflite": "python -m tf2onnx.convert --tflite MODEL.tflite --output model.onnx",
+}
 FILE_FORMATS = {".pt": "torchscript", ".pth": "torchscript", ".torchscript": "torchscript", ".onnx": "onnx"}
 # Images in a sample batch when the file's batch is dynamic: more than one, so that a
 # file which mixes up its batch axis fails the check.
@@ -108,7 +116,9 @@ def export_from_file(
         raise ExportError(f"model file {source} does not exist")
     fmt = FILE_FORMATS.get(source.suffix)
     if fmt is None:
-        raise ExportError(f"--from-file takes a TorchScript .pt or an .onnx file, got {source.name}")
+        how = CONVERT_FIRST.get(source.suffix.lower())
+        raise ExportError(f"--from-file takes a TorchScript .pt or an .onnx file, got {source.name}"
+                          + (f"; convert it to ONNX first: {how}" if how else ""))
     facts = read_facts(source, fmt)
     meta = ultralytics_metadata(facts.metadata, source.name)
     sources: dict[str, str] = {}

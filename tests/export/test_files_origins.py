@@ -3,6 +3,7 @@
 that override it; refusals that say what was found and which flag fits (no Triton)."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -115,6 +116,25 @@ def test_refusals_say_what_was_found_and_which_flag_fits(files, tmp_path):
     with pytest.raises(ExportError, match=r"its batch fixed at 1: it is served one image per call \(leave "
                                           r"--max-batch-size 4 out"):
         export_from_file(files["det"], tmp_path, max_batch_size=4)
+
+
+@pytest.mark.parametrize("name, converter", [
+    ("model.h5", r"tf2onnx.convert.from_keras\(keras.models.load_model\('MODEL.h5'\)"),
+    ("model.keras", r"tf2onnx.convert.from_keras"),
+    ("saved_model.pb", r"python -m tf2onnx.convert --saved-model SAVED_MODEL_DIR"),
+    ("model.tflite", r"python -m tf2onnx.convert --tflite MODEL.tflite"),
+    ("model.bin", None),
+])
+def test_another_frameworks_file_is_refused_with_its_converter(tmp_path, name, converter):
+    source = tmp_path / name
+    source.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(64))
+    with pytest.raises(ExportError, match=rf"takes a TorchScript .pt or an .onnx file, got {name}") as info:
+        export_from_file(source, tmp_path / "repo")
+    if converter is None:
+        assert "convert it" not in str(info.value)
+    else:
+        assert "convert it to ONNX first: " in str(info.value)
+        assert re.search(converter, str(info.value))
 
 
 @pytest.mark.parametrize("key, value, message", [
