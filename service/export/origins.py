@@ -61,8 +61,10 @@ class FileFacts:
 
 
 def read_facts(source: Path, fmt: str) -> FileFacts:
-    """The facts of an ONNX file (a TorchScript file has none that can be read safely)."""
+    """The facts of an ONNX file (a TorchScript file has none that can be read safely,
+    but is checked to be TorchScript: `check_torchscript`)."""
     if fmt != "onnx":
+        check_torchscript(source)
         return FileFacts()
     import onnx
 
@@ -90,6 +92,29 @@ def read_facts(source: Path, fmt: str) -> FileFacts:
                           "convserve feeds float32, float16 or uint8 images")
     return FileFacts(first.name, tuple(dims), np.dtype(dtype), f"[{', '.join(texts)}]",
                      {p.key: p.value for p in model.metadata_props}, external_data(model, source))
+
+
+def check_torchscript(source: Path) -> None:
+    """Raise ExportError unless `source` is a TorchScript archive (torch.jit.save's zip,
+    which holds ``constants.pkl``), naming what it is instead: a torch.save checkpoint
+    (``data.pkl`` without TorchScript's code), which only its architecture can load, or
+    not a PyTorch file at all. Only the zip's table of contents is read, nothing unpickled."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(source) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        raise ExportError(f"{source.name} is not a TorchScript file (torch.jit.save writes a zip archive; "
+                          "this is none)") from None
+    if any(name.endswith("/constants.pkl") for name in names):
+        return
+    if any(name.endswith("/data.pkl") for name in names):
+        raise ExportError(
+            f"{source.name} is a torch.save checkpoint (weights or a pickled module), not TorchScript: for a "
+            f"zoo architecture run `convserve export ARCH --weights {source.name}`; for your own module save it "
+            "with torch.jit.save(torch.jit.trace(module, example)) or torch.onnx.export, then --from-file that")
+    raise ExportError(f"{source.name} is not a TorchScript file (its archive holds no constants.pkl)")
 
 
 def _tensors(graph):

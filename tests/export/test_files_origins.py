@@ -277,3 +277,34 @@ def test_external_data_outside_the_folder_or_missing_is_refused(tmp_path):
     with pytest.raises(ExportError, match=r"keeps tensors in '../elsewhere.bin', outside its folder"):
         export_from_file(source, tmp_path / "repo", task="classification", labels_file=_keras_labels(tmp_path))
     assert not (tmp_path / "repo" / "keras").exists()
+
+
+def test_a_checkpoint_or_a_non_torchscript_file_is_named_for_what_it_is(tmp_path):
+    """A torch.save checkpoint is not TorchScript: the refusal says so and how to export
+    it, before any input size is asked for and without unpickling anything."""
+    import zipfile
+
+    import torch
+
+    checkpoint = tmp_path / "weights.pth"
+    torch.save({"fc.weight": torch.zeros(2, 3)}, checkpoint)
+    with pytest.raises(ExportError, match=r"weights.pth is a torch.save checkpoint .* `convserve export ARCH "
+                                          r"--weights weights.pth`"):
+        export_from_file(checkpoint, tmp_path / "repo", task="classification")
+    garbage = tmp_path / "model.pt"
+    garbage.write_bytes(b"not a zip archive" * 10)
+    with pytest.raises(ExportError, match=r"model.pt is not a TorchScript file \(torch.jit.save writes a zip"):
+        export_from_file(garbage, tmp_path / "repo")
+    other_zip = tmp_path / "other.pt"
+    with zipfile.ZipFile(other_zip, "w") as archive:
+        archive.writestr("other/readme.txt", "hello")
+    with pytest.raises(ExportError, match=r"other.pt is not a TorchScript file \(its archive holds no constants"):
+        export_from_file(other_zip, tmp_path / "repo")
+    # A real TorchScript file passes the check (and the export reads its outputs).
+    scripted = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.trace(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2)).eval(),
+                                   torch.zeros(1, 3, 8, 8)), str(scripted))
+    labels = tmp_path / "labels.txt"
+    labels.write_text("a\nb\n")
+    assert export_from_file(scripted, tmp_path / "repo", task="classification", labels_file=labels,
+                            input_size=8).spec.labels == ("a", "b")
