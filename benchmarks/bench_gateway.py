@@ -102,6 +102,23 @@ def metric(text: str, name: str, **labels) -> float:
     return total
 
 
+def tree_cpu_seconds(pid: int, part=lambda process: "server") -> dict[str, float]:
+    """CPU seconds (user + system) used so far by process `pid` and its live
+    descendants, summed by `part(process)` (a psutil.Process -> a name)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    out: dict[str, float] = {}
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+            name = part(process)
+        except psutil.NoSuchProcess:
+            continue
+        out[name] = out.get(name, 0.0) + times.user + times.system
+    return out
+
+
 class Stack:
     """Embedded Triton + the gateway as its own process, on free ports (tensors between
     them through system shared memory unless `shared_memory` is False)."""
@@ -128,20 +145,8 @@ class Stack:
     def cpu_seconds(self) -> dict[str, float]:
         """CPU time used so far by the gateway and by Triton with its backend stubs: on
         a saturated machine, CPU per request is what throughput trades against."""
-        import psutil
-
-        def tree(pid: int) -> float:
-            root = psutil.Process(pid)
-            total = 0.0
-            for p in [root, *root.children(recursive=True)]:
-                try:
-                    t = p.cpu_times()
-                    total += t.user + t.system
-                except psutil.NoSuchProcess:
-                    pass
-            return total
-
-        return {"gateway_cpu_s": tree(self.gateway.pid), "triton_cpu_s": tree(self.triton.process.pid)}
+        return {"gateway_cpu_s": sum(tree_cpu_seconds(self.gateway.pid).values()),
+                "triton_cpu_s": sum(tree_cpu_seconds(self.triton.process.pid).values())}
 
     def stop(self) -> None:
         self.gateway.terminate()

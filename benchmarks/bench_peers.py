@@ -48,8 +48,10 @@ this process for the in-process loops; the gateway, tritonserver and the python
 backend stubs (where the model runs) for convserve; KServe's process tree. The
 callers' own CPU is not in the remote systems' figures. On a machine whose cores are
 saturated, throughput is at most cores x 1000 / (core-ms per image), so the table
-says how much of each system's time is the model and how much is serving. Writes report.txt and
-results.json to --workdir. Not a test: the goals are reported as met or missed.
+says how much of each system's time is the model and how much is serving.
+
+Writes report.txt and results.json to --workdir. Not a test: the goals are reported as
+met or missed.
 """
 from __future__ import annotations
 
@@ -70,7 +72,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench_gateway import MESSAGE_BYTES, PHOTOS, ROOT, Stack, closed_loop, encode_jpeg, machine, table
+from bench_gateway import (MESSAGE_BYTES, PHOTOS, ROOT, Stack, closed_loop, encode_jpeg, machine, table,
+                           tree_cpu_seconds)
 import peers_kserve_model as peers
 
 from loadtests.run import free_port  # noqa: E402 (bench_gateway put the repository on sys.path)
@@ -359,23 +362,6 @@ def summarize(latencies: list[float], elapsed: float, loads: list[tuple[float, f
 
 
 # ------------------------------------------------------------------ CPU meters
-def tree_cpu_seconds(pid: int, part=lambda process: "server") -> dict[str, float]:
-    """CPU seconds (user + system) used so far by process `pid` and its live
-    descendants, summed by `part(process)`."""
-    import psutil
-
-    root = psutil.Process(pid)
-    out: dict[str, float] = {}
-    for process in [root, *root.children(recursive=True)]:
-        try:
-            times = process.cpu_times()
-            name = part(process)
-        except psutil.NoSuchProcess:
-            continue
-        out[name] = out.get(name, 0.0) + times.user + times.system
-    return out
-
-
 def convserve_cpu_seconds(stack: Stack) -> dict[str, float]:
     """The gateway's CPU, tritonserver's own, and its python backend stubs' (the model)."""
     def part(process) -> str:
