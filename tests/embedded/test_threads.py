@@ -52,3 +52,16 @@ def test_explicit_threads_win_over_the_environment_over_the_adaptive_default():
     assert thread_counts(4, {THREADS_VARIABLE: "5"}, 3) == Threads(4, 4)
     assert not Threads(4, 4).adaptive
     assert Threads(1, 2).adaptive
+
+
+def test_an_onnx_models_size_counts_its_external_data_not_a_torchscript_sibling(tmp_path):
+    """What decides whether the onnxruntime backend holds a second session: a small
+    model.onnx with its weights in a data file is as big as its data."""
+    from service.embedded.backends.onnxruntime.model import model_bytes
+
+    version = tmp_path / "1"
+    (version / "weights").mkdir(parents=True)
+    (version / "model.onnx").write_bytes(b"\0" * 1_000)
+    (version / "weights" / "tensors.bin").write_bytes(b"\0" * 300_000)
+    (version / "model.pt").write_bytes(b"\0" * 50_000)  # a TorchScript entry's own file
+    assert model_bytes(str(version / "model.onnx")) == 301_000
